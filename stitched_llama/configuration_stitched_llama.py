@@ -1,0 +1,223 @@
+"""Configuration of a stitched palette: two LLaMA-family anchors and the stitches between them.
+
+A stitch is a pair `(n, j)`: the first `n` layers of the small anchor, a linear stitching layer, then layers
+`j .. L_L-1` of the large anchor. `(L_S, L_L)` is the small anchor alone and `(0, 0)` the large anchor alone.
+This file imports nothing from the rest of the package so that it can travel to the Hub as remote code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# LLaMA-style decoders with the same module names (`model.layers[i].self_attn.q_proj`, ...).
+SUPPORTED_ANCHOR_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class StitchCost:
+    """Exact cost of one stitch, from the two anchor configs."""
+
+    params: int
+    """Parameters the stitch uses (embedding, layers, stitching layer, norm, head; tied matrices once)."""
+    flops_per_token: int
+    """Forward FLOPs per token of the matmuls: 2 x multiply-accumulates of every linear layer used, lm_head
+    included. Embedding lookups, norms, activations and the attention scores themselves are not counted."""
+
+
+def _anchor_costs(cfg: PreTrainedConfig) -> dict[str, int]:
+    """Parameter counts of one anchor's parts. Biases follow each architecture's modeling file."""
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or h // n_heads
+    q, kv = n_heads * head_dim, n_kv * head_dim
+    attn_w = h * q + 2 * h * kv + q * h
+    if cfg.model_type == "qwen2":  # q, k and v carry biases, o does not
+        attn_b = q + 2 * kv
+    elif getattr(cfg, "attention_bias", False):  # llama's option: all four projections
+        attn_b = q + 2 * kv + h
+    else:
+        attn_b = 0
+    mlp_w = 3 * h * inter
+    mlp_b = 2 * inter + h if getattr(cfg, "mlp_bias", False) else 0
+    return {
+        "embed": cfg.vocab_size * h,
+        "layer": attn_w + attn_b + mlp_w + mlp_b + 2 * h,  # + the two RMSNorm weights
+        "layer_macs": attn_w + mlp_w,
+        "norm": h,
+        "head": cfg.vocab_size * h,
+    }
+
+
+class StitchedLlamaConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`StitchedLlamaForCausalLM`].
+
+    Args:
+        small_config (`dict` or `PreTrainedConfig`):
+            Config of the small anchor (`llama`, `mistral` or `qwen2`).
+        large_config (`dict` or `PreTrainedConfig`):
+            Config of the large anchor. Must share the small anchor's vocabulary.
+        stitches (`list[tuple[int, int]]`, *optional*):
+            The `(n, j)` pairs of the palette. Defaults to SN-Net's rule (one hybrid per large-anchor cut `j`,
+            with the small-anchor cut at the same relative depth). Both anchors are always part of the palette
+            (added when missing). Stored sorted by cost: index 0 is the small anchor alone, the last index the
+            large anchor alone, the hybrids in between by forward FLOPs.
+        share_stitch_layers (`bool`, defaults to `True`):
+            Share one stitching layer between all stitches that leave the small anchor after the same `n`
+            layers (as SN-Net does). With `False`, every hybrid stitch owns its stitching layer.
+        default_stitch (`int`, *optional*):
+            The stitch `forward` and `generate` run when none is given. Defaults to the large anchor.
+        deployed_stitches (`list[int]`, *optional*):
+            Indices of the stitches chosen for deployment after training.
+    """
+
+    model_type = "stitched_llama"
+    sub_configs_defaults = {
+        "small_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+        "large_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    small_config: dict | PreTrainedConfig | None = None
+    large_config: dict | PreTrainedConfig | None = None
+    stitches: list | None = None
+    share_stitch_layers: bool = True
+    default_stitch: int | None = None
+    deployed_stitches: list | None = None
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs) -> None:
+        super().__post_init__(**kwargs)
+        small, large = self.small_config, self.large_config
+        for name, cfg in (("small", small), ("large", large)):
+            if cfg.model_type not in SUPPORTED_ANCHOR_TYPES:
+                raise ValueError(
+                    f"`{name}` anchor has model_type {cfg.model_type!r}, which is not supported: "
+                    f"use one of {', '.join(SUPPORTED_ANCHOR_TYPES)} (LLaMA-style decoders)."
+                )
+        if small.vocab_size != large.vocab_size:
+            raise ValueError(
+                f"`small` has vocab_size {small.vocab_size} but `large` has {large.vocab_size}: "
+                "the anchors must share a tokenizer."
+            )
+        stitches = default_stitches(small.num_hidden_layers, large.num_hidden_layers)
+        if self.stitches is not None:
+            stitches = [tuple(int(x) for x in s) for s in self.stitches]
+        self.stitches = [list(s) for s in self._validated_stitches(stitches)]
+        if self.default_stitch is None:
+            self.default_stitch = len(self.stitches) - 1
+        self.default_stitch = self.resolve_stitch(self.default_stitch)
+        if self.deployed_stitches is not None:
+            self.deployed_stitches = [self.resolve_stitch(k) for k in self.deployed_stitches]
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> StitchedLlamaConfig:
+        model_type = config_dict.get("model_type", cls.model_type)
+        if model_type != cls.model_type:
+            raise ValueError(
+                f"This config has model_type {model_type!r}, not {cls.model_type!r}: it is a plain model, not a "
+                "palette. Build a palette from two anchors with `StitchedLlamaForCausalLM.from_anchors(small, large)`."
+            )
+        return super().from_dict(config_dict, **kwargs)
+
+    # Generation and caches read these from the text config, which for a palette is the palette itself.
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> StitchedLlamaConfig:
+        return self
+
+    @property
+    def vocab_size(self) -> int:
+        return self.small_config.vocab_size
+
+    @property
+    def num_hidden_layers(self) -> int:
+        """Decoder layers of the deepest stitch: the KV cache holds one slot per layer of the active stitch."""
+        return max(self.num_layers(k) for k in range(len(self.stitches)))
+
+    @property
+    def small_stitch(self) -> tuple[int, int]:
+        return (self.small_config.num_hidden_layers, self.large_config.num_hidden_layers)
+
+    @property
+    def large_stitch(self) -> tuple[int, int]:
+        return (0, 0)
+
+    def num_layers(self, k: int) -> int:
+        n, j = self.stitches[k]
+        if (n, j) == self.small_stitch:
+            return n
+        return n + self.large_config.num_hidden_layers - j
+
+    def resolve_stitch(self, k: int) -> int:
+        """Normalise a stitch index (negative indices count from the end) or raise a clear error."""
+        count = len(self.stitches)
+        if isinstance(k, bool) or not isinstance(k, int) or not -count <= k < count:
+            raise ValueError(
+                f"Unknown stitch {k!r}: this palette has {count} stitches, pass an index in 0..{count - 1} "
+                "(0 = small anchor, -1 = large anchor); `model.stitch_table()` lists them."
+            )
+        return k % count
+
+    def stitch_layer_key(self, k: int) -> str | None:
+        """Name of the stitching layer stitch `k` uses, or None for an anchor stitch."""
+        n, j = self.stitches[k]
+        if (n, j) in (self.small_stitch, self.large_stitch):
+            return None
+        return str(n) if self.share_stitch_layers else f"{n}_{j}"
+
+    def stitch_cost(self, k: int) -> StitchCost:
+        n, j = self.stitches[k]
+        return _cost(self.small_config, self.large_config, n, j)
+
+    def _validated_stitches(self, stitches: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        if not stitches:
+            raise ValueError("`stitches` is empty: pass at least one `(n, j)` pair, or None for the default palette.")
+        n_small, n_large = self.small_config.num_hidden_layers, self.large_config.num_hidden_layers
+        seen = set()
+        for s in stitches:
+            n, j = s
+            is_anchor = s in (self.small_stitch, self.large_stitch)
+            if not is_anchor and not (1 <= n <= n_small and 0 <= j < n_large):
+                raise ValueError(
+                    f"Stitch {s} is out of range: a hybrid stitch needs 1 <= n <= {n_small} (small layers kept) "
+                    f"and 0 <= j <= {n_large - 1} (first large layer run); the anchors are "
+                    f"{self.small_stitch} (small) and {self.large_stitch} (large)."
+                )
+            if s in seen:
+                raise ValueError(f"Stitch {s} appears twice in `stitches`: list each `(n, j)` pair once.")
+            seen.add(s)
+        # Anchors pinned to the ends, hybrids sorted by cost in between.
+        hybrids = sorted(
+            (s for s in stitches if s not in (self.small_stitch, self.large_stitch)),
+            key=lambda s: (_cost(self.small_config, self.large_config, *s).flops_per_token, s),
+        )
+        return [self.small_stitch, *hybrids, self.large_stitch]
+
+
+def default_stitches(n_small: int, n_large: int) -> list[tuple[int, int]]:
+    """SN-Net's stitch space for any depths: per large-anchor cut `j`, the small cut at the same relative depth."""
+    hybrids = {(max(1, round(j * n_small / n_large)), j) for j in range(1, n_large)}
+    return [(n_small, n_large), *sorted(hybrids, key=lambda s: (-s[1], s[0])), (0, 0)]
+
+
+def _cost(small: PreTrainedConfig, large: PreTrainedConfig, n: int, j: int) -> StitchCost:
+    s, lg = _anchor_costs(small), _anchor_costs(large)
+    if (n, j) == (small.num_hidden_layers, large.num_hidden_layers):
+        head_params = 0 if small.tie_word_embeddings else s["head"]
+        params = s["embed"] + n * s["layer"] + s["norm"] + head_params
+        return StitchCost(params, 2 * (n * s["layer_macs"] + s["head"]))
+    if (n, j) == (0, 0):
+        k = large.num_hidden_layers
+        head_params = 0 if large.tie_word_embeddings else lg["head"]
+        params = lg["embed"] + k * lg["layer"] + lg["norm"] + head_params
+        return StitchCost(params, 2 * (k * lg["layer_macs"] + lg["head"]))
+    k = large.num_hidden_layers - j
+    stitch_macs = small.hidden_size * large.hidden_size
+    params = s["embed"] + n * s["layer"] + stitch_macs + large.hidden_size + k * lg["layer"] + lg["norm"] + lg["head"]
+    flops = 2 * (n * s["layer_macs"] + stitch_macs + k * lg["layer_macs"] + lg["head"])
+    return StitchCost(params, flops)
+
+
+__all__ = ["StitchedLlamaConfig", "StitchCost", "default_stitches", "SUPPORTED_ANCHOR_TYPES"]

@@ -1,0 +1,333 @@
+"""A palette of stitched models between two LLaMA-family anchors, as one Transformers causal LM.
+
+    tokens -> S.embed -> S.layer[0..n-1] -> P_n -> L.layer[j..L_L-1] -> L.norm -> L.lm_head -> logits
+
+The anchors are held whole (`self.small`, `self.large`, each a `*ForCausalLM`), so the anchor stitches run
+exactly the plain anchors' modules. Stitching layers `P_n` live in `self.stitch_layers`. This file imports only
+torch, transformers and sibling files, so a saved palette loads with `trust_remote_code=True` anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import logging
+
+from .configuration_stitched_llama import StitchedLlamaConfig
+from .stitch_init import calibration_batches, fit_stitch_layers
+
+logger = logging.get_logger(__name__)
+
+
+def _layer_type(config, i: int) -> str:
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return layer_types[i]
+    return "sliding_attention" if getattr(config, "sliding_window", None) is not None else "full_attention"
+
+
+class StitchedLlamaPreTrainedModel(PreTrainedModel):
+    config: StitchedLlamaConfig
+    config_class = StitchedLlamaConfig
+    base_model_prefix = "palette"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Anchors init themselves (they are PreTrainedModels); a stitching layer without calibration starts
+        # as a zero-padded identity, the least-squares fit in `from_anchors` replaces it.
+        if isinstance(module, nn.Linear) and module in set(self.stitch_layers.values()):
+            with torch.no_grad():
+                module.weight.zero_()
+                k = min(module.in_features, module.out_features)
+                module.weight[:k, :k] = torch.eye(k, dtype=module.weight.dtype)
+                module.bias.zero_()
+
+
+class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
+    def __init__(
+        self,
+        config: StitchedLlamaConfig,
+        small: PreTrainedModel | None = None,
+        large: PreTrainedModel | None = None,
+    ) -> None:
+        super().__init__(config)
+        # Passing built anchors adopts them as they are (no copy); otherwise they are built from the configs.
+        self.small = small if small is not None else AutoModelForCausalLM.from_config(config.small_config)
+        self.large = large if large is not None else AutoModelForCausalLM.from_config(config.large_config)
+        # One config object per anchor, so attention-implementation switches reach the modules that read it.
+        config.small_config, config.large_config = self.small.config, self.large.config
+        config._attn_implementation = config._attn_implementation  # the setter passes it on to both anchors
+        d_small, d_large = config.small_config.hidden_size, config.large_config.hidden_size
+        keys = {config.stitch_layer_key(k) for k in range(len(config.stitches))} - {None}
+        self.stitch_layers = nn.ModuleDict({key: nn.Linear(d_small, d_large) for key in sorted(keys)})
+        self.post_init()
+
+    # ----- choosing a stitch -----
+
+    @property
+    def active_stitch(self) -> int:
+        """The stitch `forward` and `generate` run when none is given (`config.default_stitch`)."""
+        return self.config.default_stitch
+
+    def set_stitch(self, stitch: int) -> StitchedLlamaForCausalLM:
+        """Switch the active stitch (kept by `save_pretrained` as `config.default_stitch`)."""
+        self.config.default_stitch = self.config.resolve_stitch(stitch)
+        return self
+
+    @property
+    def num_stitches(self) -> int:
+        return len(self.config.stitches)
+
+    def stitch_table(self) -> list[dict]:
+        """One row per stitch: index, `(n, j)`, kind, layers run, parameters used and forward FLOPs per token."""
+        rows = []
+        for k, (n, j) in enumerate(self.config.stitches):
+            cost = self.config.stitch_cost(k)
+            kind = "hybrid"
+            if k == 0:
+                kind = "small anchor"
+            elif k == self.num_stitches - 1:
+                kind = "large anchor"
+            rows.append(
+                {
+                    "stitch": k,
+                    "n": n,
+                    "j": j,
+                    "kind": kind,
+                    "layers": self.config.num_layers(k),
+                    "params": cost.params,
+                    "flops_per_token": cost.flops_per_token,
+                }
+            )
+        return rows
+
+    def format_stitch_table(self) -> str:
+        """The stitch table as markdown, for printing and model cards."""
+        lines = ["| stitch | (n, j) | kind | layers | params | FLOPs/token |", "|---|---|---|---|---|---|"]
+        for r in self.stitch_table():
+            lines.append(
+                f"| {r['stitch']} | ({r['n']}, {r['j']}) | {r['kind']} | {r['layers']} | "
+                f"{_human(r['params'])} | {_human(r['flops_per_token'])} |"
+            )
+        return "\n".join(lines)
+
+    def _segments(self, stitch: int) -> tuple[PreTrainedModel, list[tuple[PreTrainedModel, range]], PreTrainedModel]:
+        """(entry anchor, [(anchor, indices of its layers to run)], exit anchor) of a stitch."""
+        n, j = self.config.stitches[stitch]
+        n_small, n_large = self.config.small_stitch
+        if (n, j) == self.config.small_stitch:
+            return self.small, [(self.small, range(n_small))], self.small
+        if (n, j) == self.config.large_stitch:
+            return self.large, [(self.large, range(n_large))], self.large
+        return self.small, [(self.small, range(n)), (self.large, range(j, n_large))], self.large
+
+    # ----- running it -----
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self._segments(self.active_stitch)[0].get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self._segments(self.active_stitch)[2].get_output_embeddings()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        stitch: int | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        r"""
+        stitch (`int`, *optional*):
+            Index of the stitch to run for this call; defaults to the active stitch (`set_stitch`).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        stitch = self.active_stitch if stitch is None else self.config.resolve_stitch(stitch)
+        entry, segments, exit_ = self._segments(stitch)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if inputs_embeds is None:
+            inputs_embeds = entry.model.embed_tokens(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
+            position_ids = position_ids.unsqueeze(0)
+
+        # Masks read the cache's current length, so build them for both anchors before any layer writes to it.
+        masks = []
+        for anchor, _ in segments:
+            mask_kwargs = {
+                "config": anchor.config,
+                "inputs_embeds": inputs_embeds,
+                "attention_mask": attention_mask,
+                "past_key_values": past_key_values,
+                "position_ids": position_ids,
+            }
+            anchor_masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+            if getattr(anchor.config, "sliding_window", None) is not None:
+                anchor_masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+            masks.append(anchor_masks)
+
+        hidden_states = inputs_embeds
+        slot = 0  # the active stitch's layers fill cache slots 0, 1, ... in the order they run
+        for (anchor, layer_ids), anchor_masks in zip(segments, masks):
+            if anchor is self.large and len(segments) == 2:
+                hidden_states = self.stitch_layers[self.config.stitch_layer_key(stitch)](hidden_states)
+            position_embeddings = anchor.model.rotary_emb(hidden_states, position_ids=position_ids)
+            for i in layer_ids:
+                layer = anchor.model.layers[i]
+                layer.self_attn.layer_idx = slot
+                hidden_states = layer(
+                    hidden_states,
+                    attention_mask=anchor_masks[_layer_type(anchor.config, i)],
+                    position_embeddings=position_embeddings,
+                    position_ids=position_ids,
+                    past_key_values=past_key_values,
+                    use_cache=use_cache,
+                    **kwargs,
+                )
+                slot += 1
+
+        hidden_states = exit_.model.norm(hidden_states)
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = exit_.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+
+    # ----- building and saving -----
+
+    @classmethod
+    def from_anchors(
+        cls,
+        small: PreTrainedModel | str | os.PathLike,
+        large: PreTrainedModel | str | os.PathLike,
+        stitches: Sequence[tuple[int, int]] | None = None,
+        calibration: Any = None,
+        tokenizer: Any = None,
+        *,
+        share_stitch_layers: bool = True,
+        ridge: float = 1e-2,
+        max_length: int = 512,
+        batch_size: int = 8,
+        **kwargs,
+    ) -> StitchedLlamaForCausalLM:
+        """Build a palette from two anchors and fit its stitching layers by least squares.
+
+        Args:
+            small, large: the anchors, as models (adopted, not copied) or local paths / Hub ids.
+            stitches: `(n, j)` pairs; defaults to SN-Net's rule plus both anchors (design.md §2).
+            calibration: text for the fit: a list of strings (with `tokenizer`), a tokenized
+                `datasets.Dataset` or a LongTensor of token ids. None falls back to random tokens, with a warning.
+            tokenizer: the anchors' shared tokenizer; loaded from `small` when that is a path and None is given.
+                It is saved alongside the palette.
+            share_stitch_layers: one stitching layer per small-anchor cut `n` (True) or one per stitch.
+            ridge: ridge term of the fit, relative to the mean eigenvalue of the normal equations.
+            max_length, batch_size: how calibration text is cut and batched.
+            kwargs: passed to `AutoModelForCausalLM.from_pretrained` for anchors given as paths
+                (e.g. `dtype`, `quantization_config`, `attn_implementation`).
+        """
+        if tokenizer is None and not isinstance(small, PreTrainedModel):
+            tokenizer = _load_tokenizer(small)
+        if not isinstance(small, PreTrainedModel) and not isinstance(large, PreTrainedModel):
+            _check_same_tokenizer(tokenizer, _load_tokenizer(large), small, large)
+        small = small if isinstance(small, PreTrainedModel) else AutoModelForCausalLM.from_pretrained(small, **kwargs)
+        large = large if isinstance(large, PreTrainedModel) else AutoModelForCausalLM.from_pretrained(large, **kwargs)
+        if tokenizer is not None and len(tokenizer) > small.config.vocab_size:
+            raise ValueError(
+                f"The tokenizer has {len(tokenizer)} tokens but the anchors' vocab_size is "
+                f"{small.config.vocab_size}: pass the tokenizer the anchors were trained with."
+            )
+        # Keep the anchors' attention implementation when they agree, else the palette picks one for both.
+        attn = {small.config._attn_implementation, large.config._attn_implementation}
+        config = StitchedLlamaConfig(
+            small_config=small.config,
+            large_config=large.config,
+            stitches=[list(s) for s in stitches] if stitches is not None else None,
+            share_stitch_layers=share_stitch_layers,
+            attn_implementation=attn.pop() if len(attn) == 1 else None,
+        )
+        model = cls(config, small=small, large=large)
+        reference = large.get_input_embeddings().weight
+        model.stitch_layers.to(device=reference.device, dtype=reference.dtype)
+        model.eval()
+
+        targets: dict[str, list[tuple[int, int]]] = {}
+        for k, (n, j) in enumerate(config.stitches):
+            key = config.stitch_layer_key(k)
+            if key is not None:
+                targets.setdefault(key, []).append((n, j))
+        if targets:
+            batches = calibration_batches(
+                calibration,
+                tokenizer,
+                vocab_size=config.vocab_size,
+                min_tokens=config.small_config.hidden_size + 1,
+                max_length=max_length,
+                batch_size=batch_size,
+            )
+            errors = fit_stitch_layers(small, large, model.stitch_layers, targets, batches, ridge=ridge)
+            model.stitch_fit_errors = errors
+            logger.info(
+                "Stitching layers fitted; relative error per layer: "
+                + ", ".join(f"P_{key}: {err:.3f}" for key, err in errors.items())
+            )
+        model.tokenizer = tokenizer
+        return model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        # The tokenizer goes first so that `push_to_hub`, which uploads the folder after this, sends it too.
+        tokenizer = getattr(self, "tokenizer", None)
+        if tokenizer is not None and kwargs.get("is_main_process", True):
+            tokenizer.save_pretrained(save_directory)
+        super().save_pretrained(save_directory, *args, **kwargs)
+
+
+def _human(x: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.2f}{unit}"
+    return str(int(x))
+
+
+def _load_tokenizer(path: str | os.PathLike) -> Any:
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
+
+
+def _check_same_tokenizer(small_tok: Any, large_tok: Any, small: Any, large: Any) -> None:
+    if small_tok is None or large_tok is None:
+        return
+    if small_tok.get_vocab() != large_tok.get_vocab():
+        raise ValueError(
+            f"The tokenizers of `small` ({small}) and `large` ({large}) differ: the anchors must share a "
+            "tokenizer. Pick two models of the same family."
+        )
+
+
+__all__ = ["StitchedLlamaForCausalLM", "StitchedLlamaPreTrainedModel"]

@@ -1,0 +1,181 @@
+"""Least-squares initialisation of the stitching layers (design.md §2).
+
+For a stitching layer `P_n` serving stitches `(n, j1), (n, j2), ...`, solve in float64
+
+    min_W  sum_j || [h_S[n], 1] W - h_L[j] ||^2 + lam ||W_weight||^2
+
+over the non-padding tokens of the calibration text, where `h_S[n]` is the small anchor's hidden state after
+`n` layers and `h_L[j]` the large anchor's hidden state entering layer `j`. The first token of every sequence
+is left out: its massive activations dominate a plain fit. This file travels with the modeling file as remote
+code, so it imports only torch and transformers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+Batch = tuple[torch.LongTensor, torch.LongTensor]  # (input_ids, attention_mask), right-padded
+
+
+def calibration_batches(
+    calibration: Any,
+    tokenizer: Any = None,
+    *,
+    vocab_size: int,
+    min_tokens: int,
+    max_length: int = 512,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> list[Batch]:
+    """Turn calibration data into right-padded batches of token ids.
+
+    `calibration` is a list of strings (needs `tokenizer`), a tokenized `datasets.Dataset` (an `input_ids`
+    column), a LongTensor of shape `[batch, seq]` or `[seq]`, or None. With None, sequences of random tokens
+    are used and a warning says so: real text from the target domain gives better stitches.
+    `min_tokens` is the least number of usable tokens (non-padding, first positions excluded) to accept.
+    """
+    if calibration is None:
+        logger.warning(
+            "No calibration data given: fitting the stitching layers on random token sequences. Pass "
+            "`calibration=[...texts...]` with a `tokenizer` for stitches that start closer to the anchors."
+        )
+        seq_len = min(max_length, 128)
+        num_seqs = max(8, math.ceil(4 * min_tokens / (seq_len - 1)))
+        generator = torch.Generator().manual_seed(seed)
+        sequences = list(torch.randint(vocab_size, (num_seqs, seq_len), generator=generator))
+    elif isinstance(calibration, torch.Tensor):
+        if calibration.dtype not in (torch.int32, torch.int64) or calibration.dim() not in (1, 2):
+            raise ValueError(
+                f"Calibration tensor has dtype {calibration.dtype} and shape {tuple(calibration.shape)}: "
+                "pass token ids as a LongTensor of shape [batch, seq] or [seq]."
+            )
+        sequences = list(calibration.reshape(-1, calibration.shape[-1]).long())
+    elif isinstance(calibration, (list, tuple)) and all(isinstance(t, str) for t in calibration):
+        if tokenizer is None:
+            raise ValueError("Calibration is a list of strings but no `tokenizer` was given: pass `tokenizer=...`.")
+        sequences = [torch.tensor(ids, dtype=torch.long) for ids in tokenizer(list(calibration))["input_ids"]]
+    elif hasattr(calibration, "column_names"):  # a datasets.Dataset, without importing datasets
+        if "input_ids" not in calibration.column_names:
+            raise ValueError(
+                f"Calibration dataset has columns {calibration.column_names} but no `input_ids`: tokenize it "
+                "first (e.g. `dataset.map(lambda r: tokenizer(r['text']))`) or pass a list of strings."
+            )
+        sequences = [torch.tensor(ids, dtype=torch.long) for ids in calibration["input_ids"]]
+    else:
+        raise TypeError(
+            f"Unsupported calibration data of type {type(calibration).__name__}: pass a list of strings with a "
+            "tokenizer, a tokenized datasets.Dataset, or a LongTensor of token ids."
+        )
+
+    # Long sequences are cut into max_length pieces rather than truncated: every token is usable.
+    pieces = [seq[i : i + max_length] for seq in sequences for i in range(0, len(seq), max_length)]
+    pieces = [p for p in pieces if len(p) > 1]
+    if pieces and int(torch.cat(pieces).max()) >= vocab_size:
+        raise ValueError(
+            f"Calibration holds token id {int(torch.cat(pieces).max())} but the anchors' vocab_size is "
+            f"{vocab_size}: tokenize it with the anchors' tokenizer."
+        )
+    usable = sum(len(p) - 1 for p in pieces)
+    if usable < min_tokens:
+        raise ValueError(
+            f"Calibration data has {usable} usable tokens (padding and first positions excluded) but the "
+            f"least-squares fit needs at least {min_tokens} (the small anchor's hidden size + 1): pass more text."
+        )
+    pieces.sort(key=len, reverse=True)  # less padding per batch
+    batches = []
+    for start in range(0, len(pieces), batch_size):
+        group = pieces[start : start + batch_size]
+        width = len(group[0])
+        input_ids = torch.zeros(len(group), width, dtype=torch.long)
+        attention_mask = torch.zeros(len(group), width, dtype=torch.long)
+        for row, piece in enumerate(group):
+            input_ids[row, : len(piece)] = piece
+            attention_mask[row, : len(piece)] = 1
+        batches.append((input_ids, attention_mask))
+    return batches
+
+
+@torch.no_grad()
+def fit_stitch_layers(
+    small: nn.Module,
+    large: nn.Module,
+    stitch_layers: dict[str, nn.Linear],
+    targets: dict[str, Sequence[tuple[int, int]]],
+    batches: Iterable[Batch],
+    *,
+    ridge: float = 1e-2,
+) -> dict[str, float]:
+    """Fit each stitching layer by ridge least squares; returns its relative fit error ||XW - Y|| / ||Y||.
+
+    `small` and `large` are the anchors' `*ForCausalLM` models; `targets[key]` lists the `(n, j)` stitches that
+    share `stitch_layers[key]`. `ridge` is relative to the mean eigenvalue of X^T X (the bias is not penalised).
+    """
+    captured: dict[tuple[str, int], torch.Tensor] = {}
+
+    def keep_output(name: str, i: int):
+        def hook(module, args, output):
+            captured[(name, i)] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    def keep_input(name: str, i: int):
+        def hook(module, args, kwargs):
+            captured[(name, i)] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    cuts = {n for pairs in targets.values() for n, _ in pairs}
+    entries = {j for pairs in targets.values() for _, j in pairs}
+    handles = [small.model.layers[n - 1].register_forward_hook(keep_output("small", n)) for n in cuts]
+    handles += [
+        large.model.layers[j].register_forward_pre_hook(keep_input("large", j), with_kwargs=True) for j in entries
+    ]
+    d_in = small.config.hidden_size + 1
+    d_out = large.config.hidden_size
+    xtx = defaultdict(lambda: torch.zeros(d_in, d_in, dtype=torch.float64))
+    xty = defaultdict(lambda: torch.zeros(d_in, d_out, dtype=torch.float64))
+    yty = defaultdict(float)
+    batches = list(batches)
+    try:
+        for input_ids, attention_mask in logging.tqdm(batches, desc="Fitting stitching layers", unit="batch"):
+            small_device = small.get_input_embeddings().weight.device
+            large_device = large.get_input_embeddings().weight.device
+            small.model(input_ids=input_ids.to(small_device), attention_mask=attention_mask.to(small_device))
+            large.model(input_ids=input_ids.to(large_device), attention_mask=attention_mask.to(large_device))
+            usable = attention_mask.bool().clone()
+            usable[:, 0] = False
+            for key, pairs in targets.items():
+                for n, j in pairs:
+                    x = captured[("small", n)][usable.to(captured[("small", n)].device)].double().cpu()
+                    x = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
+                    y = captured[("large", j)][usable.to(captured[("large", j)].device)].double().cpu()
+                    xtx[key] += x.T @ x
+                    xty[key] += x.T @ y
+                    yty[key] += float((y * y).sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    errors = {}
+    for key, layer in stitch_layers.items():
+        if key not in xtx:
+            continue
+        gram = xtx[key]
+        penalty = torch.ones(d_in, dtype=torch.float64)
+        penalty[-1] = 0.0
+        lam = ridge * float(torch.diagonal(gram)[:-1].mean())
+        w = torch.linalg.solve(gram + lam * torch.diag(penalty), xty[key])
+        residual = float((w * (gram @ w)).sum() - 2 * (w * xty[key]).sum()) + yty[key]
+        errors[key] = math.sqrt(max(residual, 0.0) / max(yty[key], 1e-30))
+        layer.weight.copy_(w[:-1].T.to(layer.weight.dtype))
+        layer.bias.copy_(w[-1].to(layer.bias.dtype))
+    return errors
