@@ -72,6 +72,9 @@ class StitchedLlamaConfig(PreTrainedConfig):
             The stitch `forward` and `generate` run when none is given. Defaults to the large anchor.
         deployed_stitches (`list[int]`, *optional*):
             Indices of the stitches chosen for deployment after training.
+        stitch_bias_targets (`list[str]`, *optional*):
+            Names of the linear layers (e.g. `q_proj`, `stitch_layers`) that carry stitch-specific biases: each
+            stitch owns a bias vector for every such layer it runs, added only while that stitch is active.
     """
 
     model_type = "stitched_llama"
@@ -86,6 +89,7 @@ class StitchedLlamaConfig(PreTrainedConfig):
     share_stitch_layers: bool = True
     default_stitch: int | None = None
     deployed_stitches: list | None = None
+    stitch_bias_targets: list | None = None
     use_cache: bool = True
     tie_word_embeddings: bool = False
 

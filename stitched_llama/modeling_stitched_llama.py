@@ -74,6 +74,10 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
         d_small, d_large = config.small_config.hidden_size, config.large_config.hidden_size
         keys = {config.stitch_layer_key(k) for k in range(len(config.stitches))} - {None}
         self.stitch_layers = nn.ModuleDict({key: nn.Linear(d_small, d_large) for key in sorted(keys)})
+        self.stitch_biases = nn.ModuleDict()
+        self._running_stitch = config.default_stitch
+        if config.stitch_bias_targets:
+            self._build_stitch_biases(config.stitch_bias_targets)
         self.post_init()
 
     # ----- choosing a stitch -----
@@ -135,6 +139,58 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
             return self.large, [(self.large, range(n_large))], self.large
         return self.small, [(self.small, range(n)), (self.large, range(j, n_large))], self.large
 
+    # ----- stitch-specific biases -----
+
+    def stitch_module_prefixes(self, stitch: int) -> list[str]:
+        """Qualified names of the modules stitch `stitch` runs (its parameters live under these prefixes)."""
+        entry, segments, exit_ = self._segments(stitch)
+        names = {id(self.small): "small", id(self.large): "large"}
+        prefixes = [f"{names[id(entry)]}.model.embed_tokens"]
+        for anchor, layer_ids in segments:
+            prefixes += [f"{names[id(anchor)]}.model.layers.{i}" for i in layer_ids]
+        key = self.config.stitch_layer_key(stitch)
+        if key is not None:
+            prefixes.append(f"stitch_layers.{key}")
+        prefixes += [f"{names[id(exit_)]}.model.norm", f"{names[id(exit_)]}.lm_head"]
+        if str(stitch) in self.stitch_biases:
+            prefixes.append(f"stitch_biases.{stitch}")
+        return prefixes
+
+    def add_stitch_biases(self, targets: Sequence[str]) -> None:
+        """Give every stitch a zero bias on each `targets` linear it runs (e.g. `["q_proj", "stitch_layers"]`)."""
+        if self.config.stitch_bias_targets:
+            raise ValueError(
+                f"This palette already has stitch biases on {self.config.stitch_bias_targets}: build it again "
+                "from its anchors to choose other targets."
+            )
+        self.config.stitch_bias_targets = list(targets)
+        self._build_stitch_biases(targets)
+        reference = next(iter(self.small.parameters()))
+        self.stitch_biases.to(device=reference.device)
+
+    def _build_stitch_biases(self, targets: Sequence[str]) -> None:
+        hooked: dict[str, nn.Module] = {}
+        for k in range(self.num_stitches):
+            bank = nn.ParameterDict()
+            for prefix in self.stitch_module_prefixes(k):
+                for name, module in self.get_submodule(prefix).named_modules(prefix=prefix):
+                    is_target = name.split(".")[-1] in targets or (
+                        prefix.startswith("stitch_layers.") and "stitch_layers" in targets and name == prefix
+                    )
+                    if is_target and isinstance(module, nn.Linear):
+                        bank[name.replace(".", "-")] = nn.Parameter(torch.zeros(module.out_features))
+                        hooked[name] = module
+            self.stitch_biases[str(k)] = bank
+        for name, module in hooked.items():
+            module.register_forward_hook(self._stitch_bias_hook(name.replace(".", "-")))
+
+    def _stitch_bias_hook(self, key: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            bank = self.stitch_biases[str(self._running_stitch)]
+            return output + bank[key].to(output.dtype) if key in bank else output
+
+        return hook
+
     # ----- running it -----
 
     def get_input_embeddings(self) -> nn.Module:
@@ -160,9 +216,13 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
         stitch (`int`, *optional*):
             Index of the stitch to run for this call; defaults to the active stitch (`set_stitch`).
         """
+        # Trainer passes the token count for loss normalisation; it is for the loss, not for the layers.
+        loss_kwargs = {"num_items_in_batch": kwargs.pop("num_items_in_batch")} if "num_items_in_batch" in kwargs else {}
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         stitch = self.active_stitch if stitch is None else self.config.resolve_stitch(stitch)
+        # Read by the stitch-bias hooks, also when gradient checkpointing re-runs layers during backward.
+        self._running_stitch = stitch
         entry, segments, exit_ = self._segments(stitch)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if inputs_embeds is None:
@@ -215,7 +275,7 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
 
     # ----- building and saving -----

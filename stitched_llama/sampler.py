@@ -1,0 +1,121 @@
+"""Which stitch to train at each optimizer step: uniform, or importance sampling from SNIP saliency.
+
+Importance of stitch `s` (design.md §3): after the gradients of a step that trained `s` are complete,
+`q = mean over the trainable parameters s used of |theta * grad|`, kept as an exponential moving average `I(s)`.
+After a warm-up that visits every stitch in turn, `p(s) = (1 - eps) * softmax(z(s) / tau) + eps / K`, with `z`
+the importances standardised across stitches. The sampler draws from its own seeded generator, so every
+data-parallel rank that feeds it the same (all-reduced) gradients draws the same stitches, and its whole
+state (importance, counts, generator) goes into checkpoints for an exact resume.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+
+
+class StitchSampler:
+    def __init__(
+        self,
+        num_stitches: int,
+        mode: Literal["uniform", "importance"] = "importance",
+        ema: float = 0.9,
+        temperature: float = 1.0,
+        eps: float = 0.2,
+        warmup_steps: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        if mode not in ("uniform", "importance"):
+            raise ValueError(f"Unknown sampling mode {mode!r}: use 'uniform' or 'importance'.")
+        if not 0.0 <= ema < 1.0:
+            raise ValueError(f"ema={ema} must be in [0, 1): it is the weight of the previous importance.")
+        if temperature <= 0:
+            raise ValueError(f"temperature={temperature} must be positive.")
+        if not 0.0 <= eps <= 1.0:
+            raise ValueError(f"eps={eps} must be in [0, 1]: it is the share of uniform sampling kept.")
+        self.num_stitches = num_stitches
+        self.mode = mode
+        self.ema = ema
+        self.temperature = temperature
+        self.eps = eps
+        # Saliency of zero-initialised LoRA B and biases is zero at first: visit every stitch before trusting it.
+        self.warmup_steps = num_stitches if warmup_steps is None else warmup_steps
+        self.importance = [0.0] * num_stitches
+        self.scored = [False] * num_stitches
+        self.counts = [0] * num_stitches
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def probabilities(self) -> list[float]:
+        uniform = [1.0 / self.num_stitches] * self.num_stitches
+        if self.mode == "uniform" or not all(self.scored):
+            return uniform
+        values = torch.tensor(self.importance, dtype=torch.float64)
+        std = values.std(unbiased=False)
+        z = (values - values.mean()) / std if std > 0 else torch.zeros_like(values)
+        p = (1 - self.eps) * torch.softmax(z / self.temperature, dim=0) + self.eps / self.num_stitches
+        return p.tolist()
+
+    def sample(self, step: int) -> int:
+        """The stitch for optimizer step `step` (round-robin during warm-up, then drawn from `probabilities`)."""
+        if self.mode == "importance" and step < self.warmup_steps:
+            stitch = step % self.num_stitches
+        else:
+            p = torch.tensor(self.probabilities, dtype=torch.float64)
+            stitch = int(torch.multinomial(p, 1, generator=self.generator))
+        self.counts[stitch] += 1
+        return stitch
+
+    def update(self, stitch: int, parameters: Iterable[torch.nn.Parameter]) -> float:
+        """Fold the SNIP saliency of this step's gradients into the importance of `stitch`; returns the saliency."""
+        total, count = 0.0, 0
+        for p in parameters:
+            if p.grad is not None:
+                total += float((p.detach() * p.grad.detach()).abs().sum())
+                count += p.numel()
+        saliency = total / count if count else 0.0
+        if not math.isfinite(saliency):
+            raise FloatingPointError(f"Saliency of stitch {stitch} is {saliency}: the gradients hold NaN or inf.")
+        if self.scored[stitch] and saliency > 0:
+            self.importance[stitch] = self.ema * self.importance[stitch] + (1 - self.ema) * saliency
+        elif saliency > 0:
+            self.importance[stitch] = saliency  # the first non-zero score starts the average
+            self.scored[stitch] = True
+        return saliency
+
+    def state_dict(self) -> dict:
+        return {
+            "mode": self.mode,
+            "importance": list(self.importance),
+            "scored": list(self.scored),
+            "counts": list(self.counts),
+            "generator": self.generator.get_state().tolist(),
+            "num_stitches": self.num_stitches,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_stitches"] != self.num_stitches:
+            raise ValueError(
+                f"Sampler state is for {state['num_stitches']} stitches but this palette has {self.num_stitches}: "
+                "resume from a checkpoint of the same palette."
+            )
+        self.importance = list(state["importance"])
+        self.scored = list(state["scored"])
+        self.counts = list(state["counts"])
+        self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+
+
+def select_stitches_to_deploy(costs: list[float], importance: list[float], intervals: int) -> list[int]:
+    """One-stage deployment: split the cost range into `intervals` equal parts, keep the most important stitch
+    of each non-empty part, plus both anchors (the first and last stitch)."""
+    lo, hi = min(costs), max(costs)
+    width = (hi - lo) / intervals or 1.0
+    best: dict[int, int] = {}
+    for k, cost in enumerate(costs):
+        part = min(int((cost - lo) / width), intervals - 1)
+        if part not in best or importance[k] > importance[best[part]]:
+            best[part] = k
+    return sorted({0, len(costs) - 1, *best.values()})

@@ -1,0 +1,379 @@
+"""ESTA fine-tuning of a whole palette in one run, as a thin `Trainer` subclass (design.md §3).
+
+    args = StitchTrainingArguments(output_dir="out", sampling="importance", max_steps=500)
+    trainer = StitchTrainer(model=palette, args=args, train_dataset=train, data_collator=collator)
+    trainer.train()                  # one stitch per optimizer step, importance from SNIP saliency
+    palette = merge_esta(trainer.model)   # deployed stitches are in palette.config.deployed_stitches
+
+Every micro-batch of an optimizer step trains the same stitch, and every data-parallel rank uses the same one.
+Checkpoints carry the sampler state and the stitch biases, so `resume_from_checkpoint` continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import logging
+
+from .esta import METHODS, EstaConfig, prepare_esta, stitch_bias_norms, trainable_parameters, unwrap_palette
+from .modeling_stitched_llama import StitchedLlamaForCausalLM
+from .sampler import StitchSampler, select_stitches_to_deploy
+
+logger = logging.get_logger(__name__)
+
+SAMPLER_STATE = "stitch_sampler.json"
+TRAINABLE_EXTRAS = "stitch_trainable.safetensors"
+REPORT = "esta_report.json"
+
+
+@dataclass
+class StitchTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus how stitches are sampled, adapted and deployed."""
+
+    method: str = field(
+        default="esta",
+        metadata={
+            "help": "`esta` (shared LoRA + stitch biases), `lora-no-bias` (shared LoRA only) or `snnet-full` "
+            "(SN-Net direct adaptation: all anchor weights trainable, uniform sampling).",
+            "choices": list(METHODS),
+        },
+    )
+    sampling: str = field(
+        default="importance",
+        metadata={"help": "How the stitch of each step is drawn.", "choices": ["importance", "uniform"]},
+    )
+    importance_ema: float = field(
+        default=0.9, metadata={"help": "Weight of the previous importance in its moving average."}
+    )
+    importance_temperature: float = field(
+        default=1.0, metadata={"help": "Softmax temperature over standardised importances (lower = greedier)."}
+    )
+    importance_eps: float = field(
+        default=0.2, metadata={"help": "Share of the sampling probability spread uniformly over all stitches."}
+    )
+    stitch_warmup_steps: int | None = field(
+        default=None,
+        metadata={"help": "Steps that visit the stitches in turn before importance is used (default: one per stitch)."},
+    )
+    saliency_params: str = field(
+        default="shared",
+        metadata={
+            "help": "Parameters whose |theta * grad| scores a stitch: `shared` (LoRA and other shared weights) or "
+            "`all` (also the stitch's own biases, which favours stitches already sampled often).",
+            "choices": ["shared", "all"],
+        },
+    )
+    num_deployed_stitches: int = field(
+        default=4,
+        metadata={
+            "help": "FLOPs intervals to split the cost range into; the most important stitch of each is "
+            "deployed, plus both anchors."
+        },
+    )
+    eval_stitches: str = field(
+        default="all",
+        metadata={
+            "help": "Stitches to evaluate: `all`, or `deployed` once a choice exists.",
+            "choices": ["all", "deployed"],
+        },
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank (ignored by snnet-full)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: str = field(
+        default="q_proj,k_proj,v_proj,o_proj",
+        metadata={"help": "Comma-separated anchor linears to adapt; add gate_proj,up_proj,down_proj for the MLPs."},
+    )
+    prediction_loss_only: bool = field(
+        default=True, metadata={"help": "Evaluation keeps only the loss (per-stitch logits would not fit in memory)."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.method not in METHODS:
+            raise ValueError(f"Unknown method {self.method!r}: use one of {', '.join(METHODS)}.")
+        if self.sampling not in ("importance", "uniform"):
+            raise ValueError(f"Unknown sampling {self.sampling!r}: use 'importance' or 'uniform'.")
+        if self.saliency_params not in ("shared", "all"):
+            raise ValueError(f"Unknown saliency_params {self.saliency_params!r}: use 'shared' or 'all'.")
+        if self.num_deployed_stitches < 1:
+            raise ValueError(f"num_deployed_stitches={self.num_deployed_stitches} must be at least 1.")
+
+    def esta_config(self) -> EstaConfig:
+        return EstaConfig(
+            method=self.method,
+            r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=tuple(m.strip() for m in self.lora_target_modules.split(",") if m.strip()),
+        )
+
+
+class _SaliencyCallback(TrainerCallback):
+    """Scores the step's stitch once its gradients are complete and clipped, just before the optimizer step."""
+
+    def __init__(self, trainer: StitchTrainer) -> None:
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._score_step()
+
+
+class StitchTrainer(Trainer):
+    """A `Trainer` that trains one sampled stitch of a palette per optimizer step.
+
+    `model` may be a bare palette (it is then prepared with `args.method`, see `prepare_esta`) or a model already
+    returned by `prepare_esta`.
+    """
+
+    def __init__(self, model: nn.Module, args: StitchTrainingArguments, **kwargs: Any) -> None:
+        if not isinstance(args, StitchTrainingArguments):
+            raise TypeError("StitchTrainer needs StitchTrainingArguments (TrainingArguments plus stitch options).")
+        if isinstance(model, StitchedLlamaForCausalLM) and getattr(model, "esta_method", None) is None:
+            model = prepare_esta(model, args.esta_config())
+        super().__init__(model=model, args=args, **kwargs)
+        self.palette = unwrap_palette(self.model)
+        sampling = args.sampling
+        if args.method == "snnet-full" and sampling != "uniform":
+            logger.info("snnet-full is SN-Net direct adaptation: sampling stitches uniformly.")
+            sampling = "uniform"
+        self.sampler = StitchSampler(
+            self.palette.num_stitches,
+            mode=sampling,
+            ema=args.importance_ema,
+            temperature=args.importance_temperature,
+            eps=args.importance_eps,
+            warmup_steps=args.stitch_warmup_steps,
+            seed=args.seed,
+        )
+        self.stitch_history: list[int] = []
+        self._step_stitch: int | None = None
+        self._step_of_stitch = -1
+        self._eval_stitch: int | None = None
+        self._stitch_losses: dict[int, list[float]] = defaultdict(list)
+        self._step_loss = 0.0
+        self.last_eval_metrics: dict[str, float] = {}
+        self.add_callback(_SaliencyCallback(self))
+        report = trainable_parameters(self.model)
+        logger.info(
+            f"Trainable parameters: {report['trainable']:,} of {report['total']:,} ({report['trainable_percent']:.3f}%)"
+        )
+
+    # ----- one stitch per optimizer step -----
+
+    def _stitch_for_step(self) -> int:
+        step = self.state.global_step
+        if self._step_of_stitch != step:
+            stitch = self.sampler.sample(step)
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                # Every rank drew from the same generator; rank 0's draw is authoritative all the same.
+                chosen = torch.tensor([stitch], dtype=torch.long, device=self.args.device)
+                torch.distributed.broadcast(chosen, src=0)
+                if int(chosen) != stitch:
+                    self.sampler.counts[stitch] -= 1
+                    stitch = int(chosen)
+                    self.sampler.counts[stitch] += 1
+            self._step_stitch, self._step_of_stitch = stitch, step
+            self.stitch_history.append(stitch)
+        return self._step_stitch
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        stitch = self._stitch_for_step()
+        loss = super().training_step(model, {**inputs, "stitch": stitch}, num_items_in_batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"Loss is {float(loss)} at step {self.state.global_step} (stitch {stitch}): training stopped and no "
+                "checkpoint was written over the last good one. Lower the learning rate or set max_grad_norm."
+            )
+        self._step_loss += float(loss)  # micro-batch losses come scaled so that their sum is the step's loss
+        return loss
+
+    def _score_step(self) -> None:
+        skip = "stitch_biases" if self.args.saliency_params == "shared" else None
+        params = [p for n, p in self.model.named_parameters() if p.requires_grad and (skip is None or skip not in n)]
+        self.sampler.update(self._step_stitch, params)
+        self._stitch_losses[self._step_stitch].append(self._step_loss)
+        self._step_loss = 0.0
+
+    # ----- logging and evaluation per stitch -----
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._stitch_losses:
+            probabilities = self.sampler.probabilities
+            for k in range(self.palette.num_stitches):
+                if self._stitch_losses.get(k):
+                    logs[f"stitch_{k}/loss"] = sum(self._stitch_losses[k]) / len(self._stitch_losses[k])
+                logs[f"stitch_{k}/probability"] = probabilities[k]
+                logs[f"stitch_{k}/importance"] = self.sampler.importance[k]
+                logs[f"stitch_{k}/visits"] = self.sampler.counts[k]
+            self._stitch_losses.clear()
+        super().log(logs, start_time)
+
+    def _stitches_to_evaluate(self) -> list[int]:
+        deployed = self.palette.config.deployed_stitches
+        if self.args.eval_stitches == "deployed" and deployed:
+            return list(deployed)
+        return list(range(self.palette.num_stitches))
+
+    def evaluate(
+        self,
+        eval_dataset: Any = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        """Evaluate each stitch; metrics are `{prefix}_stitch{k}_loss` / `_perplexity`, and `{prefix}_loss`
+        is their mean (so `metric_for_best_model="loss"` keeps working)."""
+        metrics: dict[str, float] = {}
+        losses = []
+        try:
+            for k in self._stitches_to_evaluate():
+                self._eval_stitch = k
+                prefix = f"{metric_key_prefix}_stitch{k}"
+                result = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix=prefix)
+                loss = result[f"{prefix}_loss"]
+                result[f"{prefix}_perplexity"] = math.exp(min(loss, 50.0))
+                losses.append(loss)
+                metrics.update(result)
+        finally:
+            self._eval_stitch = None
+        metrics[f"{metric_key_prefix}_loss"] = sum(losses) / len(losses)
+        self.last_eval_metrics = metrics
+        return metrics
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        if self._eval_stitch is not None:
+            inputs = {**inputs, "stitch": self._eval_stitch}
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
+    # ----- checkpoints: sampler state and stitch biases travel with them -----
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        extras = {}
+        if isinstance(self.model, PeftModel):  # peft saves LoRA only: keep the other trainable weights too
+            extras = {
+                n: p.detach().contiguous().cpu()
+                for n, p in self.model.named_parameters()
+                if p.requires_grad and "lora_" not in n
+            }
+        if extras:
+            save_file(extras, os.path.join(output_dir, TRAINABLE_EXTRAS))
+        state = {**self.sampler.state_dict(), "history": self.stitch_history}
+        _write_json_atomically(os.path.join(output_dir, SAMPLER_STATE), state)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        extras_file = os.path.join(resume_from_checkpoint, TRAINABLE_EXTRAS)
+        if os.path.exists(extras_file):
+            extras = load_file(extras_file)
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for name, tensor in extras.items():
+                    params[name].copy_(tensor.to(params[name].device))
+        with open(os.path.join(resume_from_checkpoint, SAMPLER_STATE)) as f:
+            state = json.load(f)
+        self.sampler.load_state_dict(state)
+        self.stitch_history = list(state["history"])
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete checkpoint in {self.args.output_dir} to resume from.")
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        self.deploy()
+        return output
+
+    # ----- one-stage deployment -----
+
+    def deploy(self) -> list[int]:
+        """Choose the stitches to deploy (design.md §3), store them in the config and write the JSON report."""
+        config = self.palette.config
+        costs = [config.stitch_cost(k) for k in range(self.palette.num_stitches)]
+        chosen = select_stitches_to_deploy(
+            [c.flops_per_token for c in costs], self.sampler.importance, self.args.num_deployed_stitches
+        )
+        config.deployed_stitches = chosen
+        if self.args.should_save:
+            probabilities = self.sampler.probabilities
+            bias_norms = stitch_bias_norms(self.model)
+            rows = []
+            for k, cost in enumerate(costs):
+                row = {
+                    "stitch": k,
+                    "n": config.stitches[k][0],
+                    "j": config.stitches[k][1],
+                    "params": cost.params,
+                    "flops_per_token": cost.flops_per_token,
+                    "importance": self.sampler.importance[k],
+                    "probability": probabilities[k],
+                    "visits": self.sampler.counts[k],
+                    "bias_norm": bias_norms[k],
+                    "deployed": k in chosen,
+                }
+                for key in ("loss", "perplexity"):
+                    metric = self.last_eval_metrics.get(f"eval_stitch{k}_{key}")
+                    if metric is not None:
+                        row[f"eval_{key}"] = metric
+                rows.append(row)
+            report = {
+                "method": self.args.method,
+                "sampling": self.sampler.mode,
+                "deployed_stitches": chosen,
+                "trainable_parameters": trainable_parameters(self.model),
+                "stitches": rows,
+            }
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            _write_json_atomically(os.path.join(self.args.output_dir, REPORT), report)
+        return chosen
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The newest `checkpoint-N` whose trainer state and sampler state were both written in full."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        if name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and name.split("-")[-1].isdigit():
+            steps.append(int(name.split("-")[-1]))
+    for step in sorted(steps, reverse=True):
+        folder = os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        try:
+            for name in ("trainer_state.json", SAMPLER_STATE):
+                with open(os.path.join(folder, name)) as f:
+                    json.load(f)
+        except (OSError, ValueError):
+            logger.warning(f"Skipping incomplete checkpoint {folder}.")
+            continue
+        return folder
+    return None
+
+
+def _write_json_atomically(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
+__all__ = ["StitchTrainer", "StitchTrainingArguments", "last_complete_checkpoint"]

@@ -1,0 +1,108 @@
+"""PST: frozen anchors, shared LoRA, stitch biases; merge and adapter round trips."""
+
+import pytest
+import torch
+from conftest import VOCAB, build_palette
+
+from stitched_llama import StitchedLlamaForCausalLM
+from stitched_llama.esta import (
+    EstaConfig,
+    load_esta_adapter,
+    merge_esta,
+    prepare_esta,
+    save_esta_adapter,
+    trainable_parameters,
+)
+
+X = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+
+
+def perturb_trainable(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def test_prepare_freezes_anchors_and_starts_as_the_palette():
+    palette, _ = build_palette("qwen2")
+    before = [palette(X, stitch=k).logits for k in range(palette.num_stitches)]
+    model = prepare_esta(palette)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or "stitch_biases" in n for n in trainable)
+    assert any("stitch_layers" in n and "lora_" in n for n in trainable)
+    with torch.no_grad():
+        for k in range(palette.num_stitches):
+            assert torch.equal(model(input_ids=X, stitch=k).logits, before[k])
+
+
+def test_stitch_bias_acts_only_on_its_own_stitch():
+    palette, _ = build_palette("llama")
+    model = prepare_esta(palette)
+    before = [model(input_ids=X, stitch=k).logits.detach() for k in range(palette.num_stitches)]
+    with torch.no_grad():
+        for p in palette.stitch_biases["2"].values():
+            p.fill_(0.3)
+    for k in range(palette.num_stitches):
+        same = torch.equal(model(input_ids=X, stitch=k).logits, before[k])
+        assert same == (k != 2), k
+
+
+def test_trainable_parameter_report():
+    palette, _ = build_palette("llama")
+    report = trainable_parameters(prepare_esta(palette, EstaConfig(r=2)))
+    assert 0 < report["trainable"] < report["total"]
+    assert len(report["per_stitch"]) == palette.num_stitches
+    assert all(0 < n <= report["trainable"] for n in report["per_stitch"])
+    # the large anchor runs more adapted layers than the small one
+    assert report["per_stitch"][-1] > report["per_stitch"][0]
+
+
+def test_methods():
+    palette, _ = build_palette("llama")
+    full = prepare_esta(palette, EstaConfig(method="snnet-full"))
+    assert full is palette
+    assert all(p.requires_grad for p in palette.small.parameters())
+    assert all(p.requires_grad for p in palette.stitch_layers.parameters())
+    palette, _ = build_palette("llama")
+    no_bias = prepare_esta(palette, EstaConfig(method="lora-no-bias"))
+    assert len(palette.stitch_biases) == 0
+    assert all("lora_" in n for n, p in no_bias.named_parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="Unknown method"):
+        EstaConfig(method="full")
+    with pytest.raises(ValueError, match="gate_proj"):
+        EstaConfig(target_modules=("qproj",))
+
+
+@torch.no_grad()
+def test_merge_gives_the_same_logits_and_saves_as_a_palette(tmp_path):
+    palette, _ = build_palette("qwen2")
+    model = prepare_esta(palette, EstaConfig(target_modules=("q_proj", "v_proj", "up_proj")))
+    perturb_trainable(model)
+    expected = [model(input_ids=X, stitch=k).logits for k in range(palette.num_stitches)]
+    merged = merge_esta(model)
+    assert isinstance(merged, StitchedLlamaForCausalLM)
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+    for k in range(merged.num_stitches):
+        assert torch.allclose(merged(X, stitch=k).logits, expected[k], atol=1e-5)
+    merged.save_pretrained(tmp_path)
+    loaded = StitchedLlamaForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.stitch_bias_targets == ["q_proj", "v_proj", "up_proj", "stitch_layers"]
+    for k in range(merged.num_stitches):
+        assert torch.allclose(loaded(X, stitch=k).logits, expected[k], atol=1e-5)
+
+
+@torch.no_grad()
+def test_adapter_only_save_and_load(tmp_path):
+    palette, (small, large) = build_palette("llama")
+    model = prepare_esta(palette)
+    perturb_trainable(model, seed=1)
+    expected = [model(input_ids=X, stitch=k).logits for k in range(palette.num_stitches)]
+    save_esta_adapter(model, tmp_path)
+    sizes = {p.name: p.stat().st_size for p in tmp_path.iterdir()}
+    assert "adapter_model.safetensors" in sizes and "stitch_weights.safetensors" in sizes
+    assert not any(name.startswith("model") for name in sizes)  # no anchor weights
+    reloaded = load_esta_adapter(tmp_path, small=small, large=large)
+    for k in range(palette.num_stitches):
+        assert torch.allclose(reloaded(input_ids=X, stitch=k).logits, expected[k], atol=1e-6)
