@@ -60,9 +60,13 @@ class StitchSampler:
         return p.tolist()
 
     def sample(self, step: int) -> int:
-        """The stitch for optimizer step `step` (round-robin during warm-up, then drawn from `probabilities`)."""
+        """The stitch for optimizer step `step`: round-robin during warm-up, then any stitch not scored yet,
+        then drawn from `probabilities`."""
         if self.mode == "importance" and step < self.warmup_steps:
             stitch = step % self.num_stitches
+        elif self.mode == "importance" and not all(self.scored):
+            # A stitch first trained while LoRA B was still zero scored nothing: give it another turn.
+            stitch = self.scored.index(False)
         else:
             p = torch.tensor(self.probabilities, dtype=torch.float64)
             stitch = int(torch.multinomial(p, 1, generator=self.generator))

@@ -1,0 +1,207 @@
+"""StitchTrainer on tiny anchors: what trains, what stays frozen, sampling, exact resume, deployment."""
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import VOCAB, build_palette
+from datasets import Dataset
+from transformers import TrainerCallback, default_data_collator
+
+from stitched_llama.sampler import StitchSampler, select_stitches_to_deploy
+from stitched_llama.trainer import StitchTrainer, StitchTrainingArguments, last_complete_checkpoint
+
+
+def dataset(n=48, length=12, seed=0):
+    ids = torch.randint(3, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed)).tolist()
+    return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * length] * n, "labels": ids})
+
+
+def make_args(tmp_path, **kwargs):
+    defaults = dict(
+        output_dir=str(tmp_path),
+        max_steps=10,
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        logging_steps=5,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        lora_r=4,
+    )
+    return StitchTrainingArguments(**{**defaults, **kwargs})
+
+
+def make_trainer(tmp_path, palette=None, callbacks=(), **kwargs):
+    palette = palette if palette is not None else build_palette("llama")[0]
+    return StitchTrainer(
+        model=palette,
+        args=make_args(tmp_path, **kwargs),
+        train_dataset=dataset(),
+        eval_dataset=dataset(8, seed=1),
+        data_collator=default_data_collator,
+        callbacks=list(callbacks),
+    )
+
+
+class Snapshots(TrainerCallback):
+    """Copies of the trainable parameters after every optimizer step."""
+
+    def __init__(self, model):
+        self.model, self.steps = model, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps.append({n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad})
+
+
+def test_training_changes_only_what_it_should(tmp_path):
+    palette, (small, large) = build_palette("llama")
+    trainer = make_trainer(tmp_path, palette=palette, max_steps=12)
+    snapshots = Snapshots(trainer.model)
+    trainer.add_callback(snapshots)
+    initial = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    history = trainer.stitch_history
+    assert len(history) == 12
+
+    # the anchors are untouched
+    for name, tensor in palette.small.state_dict().items():
+        if "lora_" not in name:
+            assert torch.equal(tensor, small.state_dict()[name.replace(".base_layer", "")]), name
+    for name, tensor in palette.large.state_dict().items():
+        if "lora_" not in name:
+            assert torch.equal(tensor, large.state_dict()[name.replace(".base_layer", "")]), name
+
+    after = dict(trainer.model.named_parameters())
+    changed = {n for n, p in after.items() if not torch.equal(p, initial[n])}
+    assert any("lora_B" in n and "stitch_layers" in n for n in changed)
+    assert any("lora_B" in n and "small.model.layers" in n for n in changed)
+    assert not any("lora_" not in n and "stitch_biases" not in n for n in changed)
+    for k in range(palette.num_stitches):
+        moved = any(n.startswith(f"base_model.model.stitch_biases.{k}.") for n in changed)
+        assert moved == (k in history), k
+
+    # a stitch's biases move only on the steps that sampled it
+    previous = {n: initial[n] for n in snapshots.steps[0]}
+    for step, (stitch, params) in enumerate(zip(history, snapshots.steps)):
+        for name, value in params.items():
+            if "stitch_biases." in name and f"stitch_biases.{stitch}." not in name:
+                assert torch.equal(value, previous[name]), (step, name)
+        previous = params
+
+
+def test_every_micro_batch_of_a_step_uses_the_steps_stitch(tmp_path):
+    palette, _ = build_palette("llama")
+    seen = []
+    palette.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs.get("stitch")), with_kwargs=True)
+    trainer = make_trainer(tmp_path, palette=palette, max_steps=6, gradient_accumulation_steps=3)
+    trainer.train()
+    assert len(seen) == 18
+    assert seen == [s for s in trainer.stitch_history for _ in range(3)]
+
+
+def test_probabilities_leave_uniform_after_warmup(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=24, importance_temperature=0.5)
+    trainer.train()
+    k = trainer.palette.num_stitches
+    assert trainer.stitch_history[:k] == list(range(k))  # warm-up visits each stitch in turn
+    probabilities = trainer.sampler.probabilities
+    assert all(trainer.sampler.scored)
+    assert max(probabilities) - min(probabilities) > 1e-3
+    assert sum(probabilities) == pytest.approx(1.0)
+    assert min(probabilities) >= trainer.args.importance_eps / k - 1e-9
+
+
+def test_uniform_sampling_stays_uniform(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=10, sampling="uniform")
+    trainer.train()
+    assert trainer.sampler.probabilities == [1 / trainer.palette.num_stitches] * trainer.palette.num_stitches
+    assert any(i > 0 for i in trainer.sampler.importance)  # scored all the same, for deployment
+
+
+def final_state(trainer):
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = make_trainer(tmp_path / "a", max_steps=12)
+    straight.train()
+
+    first = make_trainer(tmp_path / "b", max_steps=12, save_strategy="steps", save_steps=5)
+    first.train()
+    # resume from step 5 with a fresh trainer and a fresh copy of the same palette
+    resumed = make_trainer(tmp_path / "b", max_steps=12, save_strategy="steps", save_steps=5)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-5"))
+
+    assert resumed.stitch_history == straight.stitch_history
+    assert resumed.sampler.importance == pytest.approx(straight.sampler.importance, rel=1e-6)
+    a, b = final_state(straight), final_state(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path):
+    class Poison(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 4:
+                with torch.no_grad():
+                    next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("nan"))
+
+    trainer = make_trainer(tmp_path, callbacks=[Poison()], max_steps=10, save_strategy="steps", save_steps=3)
+    with pytest.raises(FloatingPointError, match=r"Loss is nan at step \d+ \(stitch \d+\)"):
+        trainer.train()
+    assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-3")
+    # an interrupted later checkpoint (no sampler state) is skipped
+    os.makedirs(tmp_path / "checkpoint-9")
+    assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-3")
+
+
+def test_evaluation_and_deployment_report(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=8, num_deployed_stitches=2)
+    trainer.train()
+    metrics = trainer.evaluate()
+    k = trainer.palette.num_stitches
+    for i in range(k):
+        assert metrics[f"eval_stitch{i}_perplexity"] == pytest.approx(
+            torch.tensor(metrics[f"eval_stitch{i}_loss"]).exp().item(), rel=1e-4
+        )
+    deployed = trainer.deploy()
+    assert deployed[0] == 0 and deployed[-1] == k - 1 and len(deployed) <= 4
+    assert trainer.palette.config.deployed_stitches == deployed
+    report = json.loads((tmp_path / "esta_report.json").read_text())
+    assert report["deployed_stitches"] == deployed
+    assert [row["stitch"] for row in report["stitches"]] == list(range(k))
+    assert all("eval_loss" in row and "flops_per_token" in row for row in report["stitches"])
+
+
+def test_snnet_full_trains_the_anchors(tmp_path):
+    palette, (small, _) = build_palette("llama")
+    trainer = make_trainer(tmp_path, palette=palette, method="snnet-full", max_steps=4)
+    assert trainer.sampler.mode == "uniform"
+    trainer.train()
+    assert not torch.equal(palette.small.model.layers[0].mlp.up_proj.weight, small.model.layers[0].mlp.up_proj.weight)
+
+
+def test_sampler_state_round_trip_and_errors():
+    a = StitchSampler(5, seed=3, warmup_steps=0)
+    a.importance, a.scored = [1.0, 2.0, 3.0, 0.5, 1.5], [True] * 5
+    b = StitchSampler(5, seed=99, warmup_steps=0)
+    b.load_state_dict(a.state_dict())
+    assert [a.sample(i) for i in range(20)] == [b.sample(i) for i in range(20)]
+    with pytest.raises(ValueError, match="for 5 stitches"):
+        StitchSampler(4).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="eps=2"):
+        StitchSampler(3, eps=2)
+    with pytest.raises(ValueError, match="Unknown method"):
+        StitchTrainingArguments(output_dir="x", method="full", report_to=[])
+
+
+def test_deployment_picks_the_most_important_per_cost_interval():
+    costs = [1, 2, 3, 4, 5, 6, 7, 10]
+    importance = [0, 5, 1, 0, 9, 2, 1, 0]
+    # parts of width 3: costs 1-3 -> stitch 1, 4-6 -> stitch 4, 7-10 -> stitch 6 (importance 1 beats 0)
+    assert select_stitches_to_deploy(costs, importance, 3) == [0, 1, 4, 6, 7]
