@@ -90,6 +90,10 @@ class StitchedLlamaConfig(PreTrainedConfig):
     default_stitch: int | None = None
     deployed_stitches: list | None = None
     stitch_bias_targets: list | None = None
+    stitch_importance: list | None = None
+    stitch_metrics: dict | None = None
+    stitch_profile: dict | None = None
+    slim: bool = False
     use_cache: bool = True
     tie_word_embeddings: bool = False
 
@@ -197,6 +201,10 @@ class StitchedLlamaConfig(PreTrainedConfig):
             (s for s in stitches if s not in (self.small_stitch, self.large_stitch)),
             key=lambda s: (_cost(self.small_config, self.large_config, *s).flops_per_token, s),
         )
+        if self.slim:
+            if len(stitches) != 1:
+                raise ValueError(f"A slim (exported) palette holds exactly one stitch, got {len(stitches)}.")
+            return list(stitches)
         return [self.small_stitch, *hybrids, self.large_stitch]
 
 

@@ -9,6 +9,7 @@ torch, transformers and sibling files, so a saved palette loads with `trust_remo
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -21,7 +22,10 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging
 
+from .budget import profile_stitches, select_stitch
 from .configuration_stitched_llama import StitchedLlamaConfig
+from .export import export_stitch
+from .model_card import write_model_card
 from .stitch_init import calibration_batches, fit_stitch_layers
 
 logger = logging.get_logger(__name__)
@@ -65,19 +69,32 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
         large: PreTrainedModel | None = None,
     ) -> None:
         super().__init__(config)
+        # A slim (exported) palette holds one stitch: an exported anchor needs only that anchor.
+        only = tuple(config.stitches[0]) if config.slim else None
+        needs_small, needs_large = only != config.large_stitch, only != config.small_stitch
         # Passing built anchors adopts them as they are (no copy); otherwise they are built from the configs.
-        self.small = small if small is not None else AutoModelForCausalLM.from_config(config.small_config)
-        self.large = large if large is not None else AutoModelForCausalLM.from_config(config.large_config)
+        if small is None and needs_small:
+            small = AutoModelForCausalLM.from_config(config.small_config)
+        if large is None and needs_large:
+            large = AutoModelForCausalLM.from_config(config.large_config)
+        self.small, self.large = small, large
         # One config object per anchor, so attention-implementation switches reach the modules that read it.
-        config.small_config, config.large_config = self.small.config, self.large.config
+        if small is not None:
+            config.small_config = small.config
+        if large is not None:
+            config.large_config = large.config
         config._attn_implementation = config._attn_implementation  # the setter passes it on to both anchors
         d_small, d_large = config.small_config.hidden_size, config.large_config.hidden_size
         keys = {config.stitch_layer_key(k) for k in range(len(config.stitches))} - {None}
         self.stitch_layers = nn.ModuleDict({key: nn.Linear(d_small, d_large) for key in sorted(keys)})
         self.stitch_biases = nn.ModuleDict()
-        self._running_stitch = config.default_stitch
+        # Shared with `stitch_view`s: the bias hooks read the stitch of whichever forward is running.
+        self._bias_state = {"stitch": config.default_stitch}
         if config.stitch_bias_targets:
             self._build_stitch_biases(config.stitch_bias_targets)
+        if config.slim and needs_small and needs_large:
+            # An exported hybrid runs the small embedding and the large norm and head only.
+            self.small.lm_head, self.small.model.norm, self.large.model.embed_tokens = None, None, None
         self.post_init()
 
     # ----- choosing a stitch -----
@@ -101,11 +118,9 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
         rows = []
         for k, (n, j) in enumerate(self.config.stitches):
             cost = self.config.stitch_cost(k)
-            kind = "hybrid"
-            if k == 0:
-                kind = "small anchor"
-            elif k == self.num_stitches - 1:
-                kind = "large anchor"
+            kind = {self.config.small_stitch: "small anchor", self.config.large_stitch: "large anchor"}.get(
+                (n, j), "hybrid"
+            )
             rows.append(
                 {
                     "stitch": k,
@@ -138,6 +153,43 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
         if (n, j) == self.config.large_stitch:
             return self.large, [(self.large, range(n_large))], self.large
         return self.small, [(self.small, range(n)), (self.large, range(j, n_large))], self.large
+
+    def stitch_view(self, stitch: int) -> StitchedLlamaForCausalLM:
+        """A model that shares every parameter with this palette but runs its own stitch.
+
+        For self-speculative decoding: `palette.generate(..., assistant_model=palette.stitch_view(0))` drafts
+        with the small anchor and verifies with the active stitch, with no second copy of the weights.
+        """
+        view = copy.copy(self)  # a new module object over the same submodules and parameters
+        view.__dict__["config"] = copy.copy(self.config)
+        view.__dict__["generation_config"] = copy.deepcopy(self.generation_config)
+        view.set_stitch(stitch)
+        return view
+
+    def profile_stitches(self, stitches: Sequence[int] | None = None, **kwargs) -> dict:
+        """Measure prefill and per-token decode time and peak memory of each stitch on the current device.
+
+        Stored in `config.stitch_profile` (it travels with the checkpoint); see `budget.profile_stitches`.
+        """
+        return profile_stitches(self, list(stitches) if stitches is not None else None, **kwargs)
+
+    def select_stitch(
+        self,
+        max_params: float | str | None = None,
+        max_flops: float | str | None = None,
+        max_latency_ms: float | str | None = None,
+        max_memory_mb: float | str | None = None,
+    ) -> int:
+        """The best stitch that fits every budget (numbers, or strings with units: "1.5B", "20ms", "2GB")."""
+        return select_stitch(self, max_params, max_flops, max_latency_ms, max_memory_mb)
+
+    def export_stitch(self, stitch: int, save_directory: str | os.PathLike, **kwargs) -> str:
+        """Save stitch `stitch` alone: only the weights it runs, LoRA merged, its biases folded in.
+
+        An anchor stitch is saved as a plain Llama/Mistral/Qwen2 checkpoint when its biases fit that
+        architecture, anything else as a slim palette. Returns the class name of the exported model.
+        """
+        return export_stitch(self, stitch, save_directory, **kwargs)
 
     # ----- stitch-specific biases -----
 
@@ -186,7 +238,7 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
 
     def _stitch_bias_hook(self, key: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            bank = self.stitch_biases[str(self._running_stitch)]
+            bank = self.stitch_biases[str(self._bias_state["stitch"])]
             return output + bank[key].to(output.dtype) if key in bank else output
 
         return hook
@@ -222,7 +274,7 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         stitch = self.active_stitch if stitch is None else self.config.resolve_stitch(stitch)
         # Read by the stitch-bias hooks, also when gradient checkpointing re-runs layers during backward.
-        self._running_stitch = stitch
+        self._bias_state["stitch"] = stitch
         entry, segments, exit_ = self._segments(stitch)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if inputs_embeds is None:
@@ -360,10 +412,18 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         # The tokenizer goes first so that `push_to_hub`, which uploads the folder after this, sends it too.
-        tokenizer = getattr(self, "tokenizer", None)
-        if tokenizer is not None and kwargs.get("is_main_process", True):
-            tokenizer.save_pretrained(save_directory)
+        if kwargs.get("is_main_process", True):
+            os.makedirs(save_directory, exist_ok=True)
+            tokenizer = getattr(self, "tokenizer", None)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(save_directory)
+            write_model_card(self, save_directory)
         super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _upload_modified_files(self, working_dir: str | os.PathLike, repo_id: str, *args, **kwargs):
+        # push_to_hub replaces README.md with a generic card after saving: put the palette's card back.
+        write_model_card(self, working_dir, repo_id=repo_id)
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
 
 
 def _human(x: float) -> str:

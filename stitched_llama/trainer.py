@@ -314,6 +314,17 @@ class StitchTrainer(Trainer):
             [c.flops_per_token for c in costs], self.sampler.importance, self.args.num_deployed_stitches
         )
         config.deployed_stitches = chosen
+        config.stitch_importance = list(self.sampler.importance)
+        metrics = {}
+        for k in range(self.palette.num_stitches):
+            row = {
+                key: self.last_eval_metrics[f"eval_stitch{k}_{key}"]
+                for key in ("loss", "perplexity")
+                if f"eval_stitch{k}_{key}" in self.last_eval_metrics
+            }
+            if row:
+                metrics[str(k)] = {f"eval_{key}": value for key, value in row.items()}
+        config.stitch_metrics = metrics or config.stitch_metrics
         if self.args.should_save:
             probabilities = self.sampler.probabilities
             bias_norms = stitch_bias_norms(self.model)

@@ -1,0 +1,185 @@
+"""Export one stitch of a palette as a slim checkpoint that holds only the weights that stitch runs.
+
+- An anchor stitch becomes a plain `LlamaForCausalLM` / `MistralForCausalLM` / `Qwen2ForCausalLM` checkpoint
+  (loads without this package) when its stitch biases fit the architecture's own bias slots.
+- A hybrid stitch (or an anchor whose biases do not fit, e.g. Qwen2's `o_proj`) becomes a slim palette: a
+  `StitchedLlamaForCausalLM` whose anchors keep only the layers the stitch runs; its code travels with it, so
+  it loads with `trust_remote_code=True` where this package is not installed.
+
+A shared LoRA still attached (peft) is merged for the export and unmerged afterwards. This file travels with
+the modeling file as remote code, so it imports only torch and transformers.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from .configuration_stitched_llama import StitchedLlamaConfig
+
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def _bias_slots(config) -> tuple[set[str], dict]:
+    """Linears of an anchor that can carry a bias, and the config changes that give them one."""
+    if config.model_type == "qwen2":
+        return {"q_proj", "k_proj", "v_proj"}, {}
+    if config.model_type == "llama":
+        return set(_ATTENTION + _MLP), {"attention_bias": True, "mlp_bias": True}
+    return set(), {}
+
+
+def _lora_layers(model: nn.Module) -> list[nn.Module]:
+    # peft's LoRA layers, found by their interface: this file may not import peft.
+    return [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "merge") and hasattr(m, "unmerge")]
+
+
+def _plain_state(palette: nn.Module) -> dict[str, torch.Tensor]:
+    """The palette's weights under their plain names, LoRA (already merged in) left out."""
+    state = {}
+    for name, tensor in palette.state_dict().items():
+        if "lora_" in name or "lora_magnitude" in name:
+            continue
+        state[name.replace(".base_layer", "")] = tensor
+    return state
+
+
+def _stitch_biases(palette: nn.Module, stitch: int) -> dict[str, torch.Tensor]:
+    """{module name: bias} of a stitch's own biases that are not all zero."""
+    if str(stitch) not in palette.stitch_biases:
+        return {}
+    bank = palette.stitch_biases[str(stitch)]
+    return {key.replace("-", "."): p.detach() for key, p in bank.items() if bool(p.detach().abs().sum() > 0)}
+
+
+@torch.no_grad()
+def export_stitch(palette: nn.Module, stitch: int, save_directory: str | os.PathLike, **save_kwargs) -> str:
+    """Write stitch `stitch` of `palette` to `save_directory`; returns the class name of the export."""
+    stitch = palette.config.resolve_stitch(stitch)
+    lora = _lora_layers(palette)
+    for layer in lora:
+        layer.merge()
+    try:
+        state = _plain_state(palette)
+        biases = _stitch_biases(palette, stitch)
+        n, j = palette.config.stitches[stitch]
+        anchor = {palette.config.small_stitch: "small", palette.config.large_stitch: "large"}.get((n, j))
+        model = None
+        if anchor is not None:
+            model = _plain_anchor(palette, anchor, state, biases)
+        if model is None:
+            model = _slim_palette(palette, stitch, state)
+        tokenizer = getattr(palette, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(save_directory)
+        model.generation_config = copy.deepcopy(palette.generation_config)
+        model.save_pretrained(save_directory, **save_kwargs)
+        return type(model).__name__
+    finally:
+        for layer in lora:
+            layer.unmerge()
+
+
+def _plain_anchor(palette: nn.Module, anchor: str, state: dict, biases: dict) -> nn.Module | None:
+    source = getattr(palette, anchor)
+    config = copy.deepcopy(source.config)
+    slots, flags = _bias_slots(config)
+    names = {name.removeprefix(f"{anchor}."): bias for name, bias in biases.items()}
+    if any(name.rsplit(".", 1)[-1] not in slots for name in names):
+        return None  # some bias has no slot in the plain architecture: export as a slim palette instead
+    for key, value in flags.items():
+        uses = _ATTENTION if key == "attention_bias" else _MLP
+        if any(name.rsplit(".", 1)[-1] in uses for name in names):
+            setattr(config, key, value)
+    config.architectures = None
+    model = AutoModelForCausalLM.from_config(config, dtype=source.get_input_embeddings().weight.dtype)
+    own = {k.removeprefix(f"{anchor}."): v for k, v in state.items() if k.startswith(f"{anchor}.")}
+    target = model.state_dict()
+    for name in target:
+        if name.endswith(".bias") and name not in own:
+            own[name] = torch.zeros_like(target[name])  # a slot opened by the config change above
+    for name, bias in names.items():
+        own[f"{name}.bias"] = own[f"{name}.bias"] + bias.to(own[f"{name}.bias"].dtype)
+    if config.tie_word_embeddings:
+        own.pop("lm_head.weight", None)
+    model.load_state_dict(own, strict=not config.tie_word_embeddings)
+    return model
+
+
+def _slim_palette(palette: nn.Module, stitch: int, state: dict) -> nn.Module:
+    config = palette.config
+    n, j = config.stitches[stitch]
+    small_config = copy.deepcopy(config.small_config)
+    large_config = copy.deepcopy(config.large_config)
+    is_anchor = (n, j) in (config.small_stitch, config.large_stitch)
+    if not is_anchor:
+        _truncate(small_config, 0, n)
+        _truncate(large_config, j, config.large_config.num_hidden_layers)
+        # The slim hybrid has no small head and no large embedding: nothing is tied any more.
+        small_config.tie_word_embeddings = large_config.tie_word_embeddings = False
+    slim_stitch = [n, j] if is_anchor else [n, 0]
+    slim_config = StitchedLlamaConfig(
+        small_config=small_config,
+        large_config=large_config,
+        stitches=[slim_stitch],
+        slim=True,
+        share_stitch_layers=True,
+        stitch_bias_targets=config.stitch_bias_targets if str(stitch) in palette.stitch_biases else None,
+        attn_implementation=config._attn_implementation,
+    )
+    model = type(palette)(slim_config)
+    old_key, new_key = config.stitch_layer_key(stitch), slim_config.stitch_layer_key(0)
+    prefixes = tuple(p + "." for p in palette.stitch_module_prefixes(stitch))
+    renamed = {}
+    for name, tensor in state.items():
+        if not name.startswith(prefixes):
+            continue
+        if not is_anchor:
+            name = _renumber(name, "large", j)
+            if old_key is not None:
+                name = name.replace(f"stitch_layers.{old_key}.", f"stitch_layers.{new_key}.")
+            if name.startswith("stitch_biases."):
+                name = _renumber(name, "large", j, sep="-")
+                if old_key is not None:
+                    name = name.replace(f".stitch_layers-{old_key}", f".stitch_layers-{new_key}")
+        name = re.sub(rf"^stitch_biases\.{stitch}\.", "stitch_biases.0.", name)
+        renamed[name] = tensor
+    if not is_anchor:
+        # The large head was tied to the large embedding, which the slim hybrid does not keep.
+        renamed.setdefault(
+            "large.lm_head.weight", state.get("large.lm_head.weight", state["large.model.embed_tokens.weight"])
+        )
+    dtype = next(iter(renamed.values())).dtype
+    model.to(dtype)
+    missing, unexpected = model.load_state_dict(renamed, strict=False)
+    missing = [m for m in missing if not m.endswith("lm_head.weight") or not _tied(model, m)]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"Slim export of stitch {stitch} is inconsistent: missing {missing}, unexpected {unexpected}."
+        )
+    model.tie_weights()
+    return model
+
+
+def _tied(model: nn.Module, name: str) -> bool:
+    return name in getattr(model, "all_tied_weights_keys", {})
+
+
+def _truncate(config, start: int, stop: int) -> None:
+    config.num_hidden_layers = stop - start
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = list(config.layer_types[start:stop])
+
+
+def _renumber(name: str, anchor: str, offset: int, sep: str = ".") -> str:
+    """Shift `anchor`'s layer index in a weight name down by `offset` (layers j.. become 0..)."""
+    pattern = rf"^({re.escape(anchor + sep + 'model' + sep + 'layers' + sep)})(\d+)"
+    if sep == "-":
+        pattern = rf"^(stitch_biases\.\d+\.{anchor}-model-layers-)(\d+)"
+    return re.sub(pattern, lambda m: f"{m.group(1)}{int(m.group(2)) - offset}", name)
