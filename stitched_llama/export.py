@@ -6,7 +6,7 @@
   `StitchedLlamaForCausalLM` whose anchors keep only the layers the stitch runs; its code travels with it, so
   it loads with `trust_remote_code=True` where this package is not installed.
 
-A shared LoRA still attached (peft) is merged for the export and unmerged afterwards. This file travels with
+A shared LoRA still attached (peft) is merged into the exported copy of the weights. This file travels with
 the modeling file as remote code, so it imports only torch and transformers.
 """
 
@@ -35,18 +35,21 @@ def _bias_slots(config) -> tuple[set[str], dict]:
     return set(), {}
 
 
-def _lora_layers(model: nn.Module) -> list[nn.Module]:
-    # peft's LoRA layers, found by their interface: this file may not import peft.
-    return [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "merge") and hasattr(m, "unmerge")]
-
-
 def _plain_state(palette: nn.Module) -> dict[str, torch.Tensor]:
-    """The palette's weights under their plain names, LoRA (already merged in) left out."""
+    """The palette's weights under their plain names, with any shared LoRA merged into copies of them.
+
+    peft's LoRA layers are found by their interface (this file may not import peft); the palette itself is
+    left untouched, so exporting does not perturb its weights by a merge/unmerge round trip.
+    """
     state = {}
     for name, tensor in palette.state_dict().items():
-        if "lora_" in name or "lora_magnitude" in name:
-            continue
-        state[name.replace(".base_layer", "")] = tensor
+        if "lora_" not in name:
+            state[name.replace(".base_layer", "")] = tensor
+    for name, module in palette.named_modules():
+        if hasattr(module, "lora_A") and hasattr(module, "get_delta_weight") and not getattr(module, "merged", False):
+            key = f"{name}.weight"
+            delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
+            state[key] = state[key] + delta.to(state[key].dtype)
     return state
 
 
@@ -62,28 +65,19 @@ def _stitch_biases(palette: nn.Module, stitch: int) -> dict[str, torch.Tensor]:
 def export_stitch(palette: nn.Module, stitch: int, save_directory: str | os.PathLike, **save_kwargs) -> str:
     """Write stitch `stitch` of `palette` to `save_directory`; returns the class name of the export."""
     stitch = palette.config.resolve_stitch(stitch)
-    lora = _lora_layers(palette)
-    for layer in lora:
-        layer.merge()
-    try:
-        state = _plain_state(palette)
-        biases = _stitch_biases(palette, stitch)
-        n, j = palette.config.stitches[stitch]
-        anchor = {palette.config.small_stitch: "small", palette.config.large_stitch: "large"}.get((n, j))
-        model = None
-        if anchor is not None:
-            model = _plain_anchor(palette, anchor, state, biases)
-        if model is None:
-            model = _slim_palette(palette, stitch, state)
-        tokenizer = getattr(palette, "tokenizer", None)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(save_directory)
-        model.generation_config = copy.deepcopy(palette.generation_config)
-        model.save_pretrained(save_directory, **save_kwargs)
-        return type(model).__name__
-    finally:
-        for layer in lora:
-            layer.unmerge()
+    state = _plain_state(palette)
+    biases = _stitch_biases(palette, stitch)
+    n, j = palette.config.stitches[stitch]
+    anchor = {palette.config.small_stitch: "small", palette.config.large_stitch: "large"}.get((n, j))
+    model = _plain_anchor(palette, anchor, state, biases) if anchor is not None else None
+    if model is None:
+        model = _slim_palette(palette, stitch, state)
+    tokenizer = getattr(palette, "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(save_directory)
+    model.generation_config = copy.deepcopy(palette.generation_config)
+    model.save_pretrained(save_directory, **save_kwargs)
+    return type(model).__name__
 
 
 def _plain_anchor(palette: nn.Module, anchor: str, state: dict, biases: dict) -> nn.Module | None:
