@@ -7,6 +7,7 @@ This file imports nothing from the rest of the package so that it can travel to 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -142,7 +143,9 @@ class StitchedLlamaConfig(PreTrainedConfig):
     @property
     def num_hidden_layers(self) -> int:
         """Decoder layers of the deepest stitch: the KV cache holds one slot per layer of the active stitch."""
-        return max(self.num_layers(k) for k in range(len(self.stitches)))
+        # Read dozens of times per cache built: cached on the values it depends on.
+        pairs = tuple(tuple(s) for s in self.stitches)
+        return _deepest(pairs, self.small_config.num_hidden_layers, self.large_config.num_hidden_layers)
 
     @property
     def small_stitch(self) -> tuple[int, int]:
@@ -206,6 +209,11 @@ class StitchedLlamaConfig(PreTrainedConfig):
                 raise ValueError(f"A slim (exported) palette holds exactly one stitch, got {len(stitches)}.")
             return list(stitches)
         return [self.small_stitch, *hybrids, self.large_stitch]
+
+
+@functools.lru_cache(maxsize=64)
+def _deepest(stitches: tuple[tuple[int, int], ...], n_small: int, n_large: int) -> int:
+    return max(n if (n, j) == (n_small, n_large) else n + n_large - j for n, j in stitches)
 
 
 def default_stitches(n_small: int, n_large: int) -> list[tuple[int, int]]:

@@ -303,23 +303,30 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
 
         hidden_states = inputs_embeds
         slot = 0  # the active stitch's layers fill cache slots 0, 1, ... in the order they run
-        for (anchor, layer_ids), anchor_masks in zip(segments, masks):
-            if anchor is self.large and len(segments) == 2:
-                hidden_states = self.stitch_layers[self.config.stitch_layer_key(stitch)](hidden_states)
-            position_embeddings = anchor.model.rotary_emb(hidden_states, position_ids=position_ids)
-            for i in layer_ids:
-                layer = anchor.model.layers[i]
-                layer.self_attn.layer_idx = slot
-                hidden_states = layer(
-                    hidden_states,
-                    attention_mask=anchor_masks[_layer_type(anchor.config, i)],
-                    position_embeddings=position_embeddings,
-                    position_ids=position_ids,
-                    past_key_values=past_key_values,
-                    use_cache=use_cache,
-                    **kwargs,
-                )
-                slot += 1
+        try:
+            for (anchor, layer_ids), anchor_masks in zip(segments, masks):
+                if anchor is self.large and len(segments) == 2:
+                    hidden_states = self.stitch_layers[self.config.stitch_layer_key(stitch)](hidden_states)
+                position_embeddings = anchor.model.rotary_emb(hidden_states, position_ids=position_ids)
+                layer_types = [_layer_type(anchor.config, i) for i in layer_ids]
+                for i, layer_type in zip(layer_ids, layer_types):
+                    layer = anchor.model.layers[i]
+                    layer.self_attn.layer_idx = slot
+                    hidden_states = layer(
+                        hidden_states,
+                        attention_mask=anchor_masks[layer_type],
+                        position_embeddings=position_embeddings,
+                        position_ids=position_ids,
+                        past_key_values=past_key_values,
+                        use_cache=use_cache,
+                        **kwargs,
+                    )
+                    slot += 1
+        finally:
+            # Give the anchors their own layer indices back, so they still work on their own.
+            for anchor, layer_ids in segments:
+                for i in layer_ids:
+                    anchor.model.layers[i].self_attn.layer_idx = i
 
         hidden_states = exit_.model.norm(hidden_states)
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep

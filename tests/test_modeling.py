@@ -160,3 +160,13 @@ def test_mismatched_vocabularies_are_rejected():
     )
     with pytest.raises(ValueError, match="must share a tokenizer"):
         StitchedLlamaForCausalLM.from_anchors(small, other, calibration=prompt(8, 32))
+
+
+@torch.no_grad()
+def test_anchors_still_work_alone_after_a_hybrid_ran():
+    palette, (small, large) = build_palette("llama")
+    x = prompt()
+    palette.generate(x, max_new_tokens=4, do_sample=False, stitch=2, pad_token_id=0)
+    alone = palette.large.generate(x, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(alone, large.generate(x, max_new_tokens=6, do_sample=False, pad_token_id=0))
+    assert [layer.self_attn.layer_idx for layer in palette.large.model.layers] == list(range(4))
