@@ -1,12 +1,16 @@
-"""The deployment walkthrough behind docs/deploying.md: stitch table, budgets, exports and their sizes."""
+"""The deployment walkthrough behind docs/deploying.md: stitch table, budgets, exports and their sizes.
+
+python benchmarks/deploy_walkthrough.py OUTPUT_DIR     # OUTPUT_DIR of examples/train_esta.py
+"""
 
 import os
+import sys
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-palette = AutoModelForCausalLM.from_pretrained("/tmp/dep/palette")
-tok = AutoTokenizer.from_pretrained("/tmp/dep/palette")
+palette = AutoModelForCausalLM.from_pretrained(f"{ROOT}/palette")
+tok = AutoTokenizer.from_pretrained(f"{ROOT}/palette")
 print(palette.format_stitch_table())
 print("deployed:", palette.config.deployed_stitches)
 print("select_stitch(max_params='0.8M') ->", palette.select_stitch(max_params="0.8M"))
@@ -21,10 +25,10 @@ def size(d):
     return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".safetensors"))
 
 
-full = size("/tmp/dep/palette")
+full = size(f"{ROOT}/palette")
 print(f"full palette: {full / 1e6:.2f} MB")
 for k in (0, 4, 8):
-    out = f"/tmp/dep/stitch{k}"
+    out = f"{ROOT}/stitch{k}"
     cls = palette.export_stitch(k, out)
     e = AutoModelForCausalLM.from_pretrained(out)
     x = torch.tensor([[1, 5, 9, 12]])
