@@ -9,6 +9,10 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import stitched_llama  # noqa: F401  (registers the palette classes with the Auto classes)
+
+ROOT = sys.argv[1] if len(sys.argv) > 1 else "outputs/esta"
+
 palette = AutoModelForCausalLM.from_pretrained(f"{ROOT}/palette")
 tok = AutoTokenizer.from_pretrained(f"{ROOT}/palette")
 print(palette.format_stitch_table())
