@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -222,15 +224,17 @@ def _stitch_table(palette: Any, active: int | None = None) -> str:
     """The stitch table with deployed stitches, eval perplexities when known, and the active stitch marked."""
     metrics = palette.config.stitch_metrics or {}
     deployed = set(palette.config.deployed_stitches or [])
+    marks = active is not None  # a first column marking the active stitch with ">"
     lines = [
-        "|   | stitch | (n, j) | kind | layers | params | FLOPs/token | eval ppl | deployed |",
-        "|---|---:|---|---|---:|---:|---:|---:|:---:|",
+        ("|   " if marks else "") + "| stitch | (n, j) | kind | layers | params | FLOPs/token | eval ppl | deployed |",
+        ("|---" if marks else "") + "|---:|---|---|---:|---:|---:|---:|:---:|",
     ]
     for r in palette.stitch_table():
         k = r["stitch"]
         ppl = metrics.get(str(k), {}).get("eval_perplexity")
         lines.append(
-            f"| {'>' if k == active else ' '} | {k} | ({r['n']}, {r['j']}) | {r['kind']} | {r['layers']} | "
+            (f"| {'>' if k == active else ' '} " if marks else "")
+            + f"| {k} | ({r['n']}, {r['j']}) | {r['kind']} | {r['layers']} | "
             f"{_human(r['params'])} | {_human(r['flops_per_token'])} | "
             f"{'' if ppl is None else f'{ppl:.4g}'} | {'yes' if k in deployed else ''} |"
         )
@@ -310,6 +314,8 @@ def _parse_budgets(args: argparse.Namespace) -> dict[str, str]:
     for option, keyword, kind in BUDGETS:
         value = getattr(args, keyword)
         if value is not None:
+            if str(value).strip().startswith("-"):
+                raise CliError(f"{option} {value!r} must be positive: a budget is an upper limit, e.g. {option} 1.5B")
             parse_budget(option, value, kind)  # raises ValueError naming the option, the value and the units
             budgets[keyword] = value
     return budgets
@@ -326,7 +332,7 @@ def _compact_training_output(trainer: Any) -> None:
                 parts.append(f"lr {logs['learning_rate']:.2e}")
             trained = sorted(int(k.split("_")[1].split("/")[0]) for k in logs if k.endswith("/loss"))
             if trained:
-                parts.append(f"stitches {','.join(map(str, trained))}")
+                parts.append(f"sampled stitches {','.join(map(str, trained))}")
             return "  ".join(parts)
         evals = sorted(
             (k for k in logs if re.fullmatch(r"\w+_stitch\d+_loss", k)), key=lambda k: int(k[:-5].split("stitch")[-1])
@@ -658,7 +664,9 @@ def evaluate(args: argparse.Namespace) -> int:
     stitches = _stitch_selection(palette, args.stitches)
     limit = _context_limit(palette)
     dataset, collator, kind = _evaluation_data(args.data, palette.tokenizer, limit, args.max_length, args.max_records)
-    print(f"evaluating {palette.num_stitches if stitches == 'all' else stitches} on {len(dataset)} {kind}")
+    which = {"all": f"all {palette.num_stitches} stitches", "deployed": "the deployed stitches"}
+    which = which[stitches] if isinstance(stitches, str) else f"stitches {stitches}"
+    print(f"evaluating {which} on {len(dataset)} {kind}")
     rows = evaluate_palette(
         palette,
         dataset,
@@ -709,15 +717,11 @@ def export(args: argparse.Namespace) -> int:
             print("measuring the latency and memory of every stitch on this machine (profile_stitches)...")
             palette.profile_stitches()
         k = palette.select_stitch(**budgets)
-        metrics = (palette.config.stitch_metrics or {}).get(str(k), {})
-        why = (
-            f"eval perplexity {metrics['eval_perplexity']:.4g}"
-            if "eval_perplexity" in metrics
-            else "no eval metrics stored: chosen by importance or cost"
-        )
+        ppl = (palette.config.stitch_metrics or {}).get(str(k), {}).get("eval_perplexity")
+        within = ", ".join(f"{option} {budgets[key]}" for option, key, _ in BUDGETS if key in budgets)
         print(
-            f"best stitch within {', '.join(f'{key}={v}' for key, v in budgets.items()) or 'no budget'}: "
-            f"{_stitch_label(palette, k)} ({why})"
+            f"best stitch within {within or 'no budget'}: {_stitch_label(palette, k)}"
+            + (f", eval perplexity {ppl:.4g}" if ppl is not None else "")
         )
     else:
         k = _stitch_index(palette, args.stitch)
@@ -810,6 +814,34 @@ def chat(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _pretrain_anchor(model: Any, data: Any, collator: Any, steps: int, lr: float, seed: int, name: str) -> tuple:
+    """Full training of a tiny anchor, so that it stands in for a pretrained model; returns (first, last) loss."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * i / steps))
+    )
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    bar = hf_logging.tqdm(range(steps), desc=f"Training the {name} anchor", unit="step")
+    for _ in bar:
+        batch = collator([data[i] for i in torch.randint(len(data), (8,), generator=generator).tolist()])
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+        bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    model.eval()
+    return losses[0], sum(losses[-10:]) / len(losses[-10:])
+
+
 def demo(args: argparse.Namespace) -> int:
     """The whole job on built-in tiny anchors, offline: build -> ESTA training -> evaluation -> chat."""
     import torch
@@ -821,92 +853,109 @@ def demo(args: argparse.Namespace) -> int:
     from .tiny import tiny_anchors, tiny_tokenizer
     from .trainer import REPORT, StitchTrainer, StitchTrainingArguments
 
-    if args.steps < 1:
-        raise CliError(f"--steps {args.steps} must be at least 1")
+    for option, value in (("--steps", args.steps), ("--anchor-steps", args.anchor_steps), ("--threads", args.threads)):
+        if value < 1:
+            raise CliError(f"{option} {value} must be at least 1")
+    if args.learning_rate <= 0:
+        raise CliError(f"--learning-rate {args.learning_rate} must be positive")
     start = time.perf_counter()
     out = Path(args.out)
-    if out.exists():
-        for name in ("palette", "evaluation", REPORT):
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+    for name in ("palette", "evaluation", REPORT):  # this demo's own outputs from an earlier run
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    # Tiny matrices: one thread is as fast as many, and far faster on a machine busy with other work.
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-
-    print("== 1/5 build: a palette between two tiny LLaMA anchors (random weights, built offline)")
     records = builtin_instructions()
     tokenizer = tiny_tokenizer(str(r) for r in records.to_list())
-    small, large = tiny_anchors(len(tokenizer), seed=args.seed)
+    collator = collate_fn(tokenizer)
     data = tokenize_instructions(records, tokenizer, max_length=128)
-    palette = StitchedLlamaForCausalLM.from_anchors(small, large, calibration=data, tokenizer=tokenizer)
+
     print(
-        f"{palette.num_stitches} stitches between a {small.config.num_hidden_layers}-layer and a "
-        f"{large.config.num_hidden_layers}-layer anchor; stitching layers fitted by least squares on the "
-        f"{len(records)} built-in instructions ({sum(len(x) for x in data['input_ids']):,} tokens):\n"
+        f"== 1/5 anchors: two tiny LLaMA models and a word-level tokenizer, over {len(records)} built-in instructions"
     )
+    small, large = tiny_anchors(len(tokenizer), seed=args.seed)
+    # Random anchors would leave nothing to stitch: train each briefly (the large one longer, so it is the
+    # better model) to stand in for two pretrained LLMs.
+    for name, anchor, steps in (("small", small, args.anchor_steps // 2), ("large", large, args.anchor_steps)):
+        first, last = _pretrain_anchor(anchor, data, collator, max(1, steps), 3e-3, args.seed, name)
+        size = sum(p.numel() for p in anchor.parameters())
+        print(
+            f"{name} anchor: {anchor.config.num_hidden_layers} layers, hidden {anchor.config.hidden_size}, "
+            f"{size:,} parameters; loss {first:.2f} -> {last:.2f} after {max(1, steps)} steps of full training"
+        )
+
+    print("\n== 2/5 build: the palette, stitching layers fitted by least squares on the instructions")
+    palette = StitchedLlamaForCausalLM.from_anchors(small, large, calibration=data, tokenizer=tokenizer)
+    print(f"{palette.num_stitches} stitches ({sum(len(x) for x in data['input_ids']):,} calibration tokens):\n")
     print(palette.format_stitch_table())
     print(
         "\nrelative fit error per stitching layer: "
         + ", ".join(f"P_{k}: {v:.3f}" for k, v in palette.stitch_fit_errors.items())
     )
-    before = evaluate_palette(palette, data, collator=collate_fn(tokenizer), progress=False)
+    before = evaluate_palette(palette, data, collator=collator, progress=False)
 
-    print(f"\n== 2/5 train: ESTA on all {palette.num_stitches} stitches at once, {args.steps} steps")
+    print(f"\n== 3/5 train: ESTA on all {palette.num_stitches} stitches at once, {args.steps} steps")
     training_args = StitchTrainingArguments(
         output_dir=str(out),
         max_steps=args.steps,
         per_device_train_batch_size=8,
         learning_rate=args.learning_rate,
         lr_scheduler_type="cosine",
-        warmup_steps=min(20, args.steps // 10),
-        lora_target_modules="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        warmup_steps=max(1, args.steps // 20),
         logging_steps=max(1, args.steps // 10),
         save_strategy="no",
         report_to="none",
         seed=args.seed,
         disable_tqdm=False,
+        dataloader_pin_memory=False,
+        use_cpu=not torch.cuda.is_available(),
     )
-    trainer = StitchTrainer(model=palette, args=training_args, train_dataset=data, data_collator=collate_fn(tokenizer))
+    trainer = StitchTrainer(model=palette, args=training_args, train_dataset=data, data_collator=collator)
     _compact_training_output(trainer)
     counts = trainable_parameters(trainer.model)
     print(
-        f"trainable: {counts['trainable']:,} of {counts['total']:,} parameters ({counts['trainable_percent']:.1f}%): "
-        "one LoRA shared by all stitches + small per-stitch biases; the anchors stay frozen"
+        f"trainable: {counts['trainable']:,} of {counts['total']:,} parameters ({counts['trainable_percent']:.1f}%), "
+        "one LoRA shared by all stitches + per-stitch biases; the anchors stay frozen"
     )
-    trainer.train()  # chooses the stitches to deploy at the end
+    trainer.train()  # ends by choosing the stitches to deploy
     merged = merge_esta(trainer.model)
     merged.tokenizer = tokenizer
     deployed = merged.config.deployed_stitches
 
-    print("\n== 3/5 evaluate: every stitch on the built-in instructions (the set it was trained on: a smoke test)")
-    rows = evaluate_palette(merged, data, output_dir=out / "evaluation", collator=collate_fn(tokenizer))
+    print(
+        "\n== 4/5 evaluate: every stitch on the built-in instructions (the training set: a smoke test, not a benchmark)"
+    )
+    rows = evaluate_palette(merged, data, output_dir=out / "evaluation", collator=collator)
     merged.config.stitch_metrics = {
         str(r["stitch"]): {"eval_loss": r["loss"], "eval_perplexity": r["perplexity"]} for r in rows
     }
     print(format_markdown(rows))
-    mean = lambda rs: sum(r["loss"] for r in rs) / len(rs)  # noqa: E731
-    print(f"\nmean loss over the stitches: {mean(before):.3f} before training -> {mean(rows):.3f} after")
-    print(f"deployed stitches (one per FLOPs interval, most important first, plus both anchors): {deployed}")
+    print(
+        "\nloss per stitch before -> after ESTA: "
+        + ", ".join(f"{b['stitch']}: {b['loss']:.2f} -> {a['loss']:.2f}" for b, a in zip(before, rows))
+    )
+    print(f"deployed stitches (the most important per FLOPs interval, plus both anchors): {deployed}")
 
     hybrids = [r for r in rows if r["deployed"] and r["kind"] == "hybrid"]
     hybrid = min(hybrids, key=lambda r: r["loss"])["stitch"] if hybrids else merged.num_stitches // 2
-    record = next(r for r in records if "France" in r["instruction"])
-    messages = [{"role": "user", "content": record["instruction"]}]
-    prompt, input_ids = _render_prompt(tokenizer, messages)
-    print("\n== 4/5 chat: one turn, the same prompt to a deployed hybrid stitch and to the large anchor")
-    print(f"prompt: {prompt!r}")
+    prompt, input_ids = _render_prompt(tokenizer, [{"role": "user", "content": args.prompt}])
+    print("\n== 5/5 chat: one turn, the same prompt to a deployed hybrid stitch and to the large anchor")
+    print(f"prompt (chat template applied): {prompt!r}")
     for k in (hybrid, merged.num_stitches - 1):
         reply = _generate(merged, tokenizer, input_ids, k, args.max_new_tokens)
         print(f"{_stitch_label(merged, k)}: {reply}")
 
     merged.save_pretrained(out / "palette")
-    print("\n== 5/5 files")
-    print(f"palette (merged, with tokenizer and model card): {out / 'palette'}")
-    print(f"training report (importance, visits, deployed): {out / REPORT}")
-    print(f"evaluation table: {out / 'evaluation' / REPORT_FILES['md']} (also .csv and .json)")
-    print(f"Pareto plot: {out / 'evaluation' / REPORT_FILES['png']}")
-    print(f"done in {time.perf_counter() - start:.0f} s. Next: stitched-llama chat {out / 'palette'}")
+    print(f"\nfiles, after {time.perf_counter() - start:.0f} s:")
+    print(f"  palette (merged, with tokenizer and model card): {out / 'palette'}")
+    print(f"  training report (importance, visits, deployed): {out / REPORT}")
+    print(f"  evaluation table: {out / 'evaluation' / REPORT_FILES['md']} (and .csv, .json)")
+    print(f"  Pareto plot: {out / 'evaluation' / REPORT_FILES['png']}")
+    print(f"next: stitched-llama chat {out / 'palette'}")
     return 0
 
 
@@ -1062,10 +1111,19 @@ def _parser() -> argparse.ArgumentParser:
         "with a deployed hybrid stitch and the large anchor. Everything is saved under --out.",
     )
     p.add_argument("--out", default=os.path.join("outputs", "demo"), metavar="DIR", help="default ./outputs/demo")
-    p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    p.add_argument("--learning-rate", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    p.add_argument("--steps", type=int, default=300, help="ESTA training steps (default 300)")
+    p.add_argument("--learning-rate", type=float, default=3e-3, help="ESTA peak learning rate (default 3e-3)")
+    p.add_argument(
+        "--anchor-steps",
+        type=int,
+        default=250,
+        help="full-training steps that turn the random large anchor into a model (the small one gets half; "
+        "default 250)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the anchors and of training")
+    p.add_argument("--prompt", default="What is 7 plus 5?", help="the sample chat message")
     p.add_argument("--max-new-tokens", type=int, default=16, help="longest chat reply, in tokens (default 16)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1: fastest for tiny models)")
     return parser
 
 
@@ -1081,6 +1139,8 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
+    # Raised by transformers' own Trainer/peft calls, not by anything the user can change.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
     if args.verbose:
         hf_logging.set_verbosity_info()
     try:
