@@ -28,7 +28,7 @@ def parse_budget(name: str, value: float | int | str | None, kind: str) -> float
         return None
     units = _UNITS[kind]
     if isinstance(value, str):
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([a-zA-Z]*)\s*", value)
+        match = re.fullmatch(r"\s*([+-]?[0-9]*\.?[0-9]+(?:e[+-]?\d+)?)\s*([a-zA-Z]*)\s*", value)
         unit = match.group(2).lower() if match else None
         if match is None or unit not in units:
             accepted = ", ".join(u or "(none)" for u in units)

@@ -129,6 +129,7 @@ def _load_palette(
     tokenizer: str | None = None,
     need_tokenizer: bool = False,
     dtype: str | None = None,
+    device: str | None = None,
 ) -> Any:
     """Load a saved palette, checking the folder first so that a bad one gets a clear one-line error."""
     folder = Path(path)
@@ -193,7 +194,22 @@ def _load_palette(
             f"the tokenizer has {len(palette.tokenizer)} tokens but the palette's vocab_size is "
             f"{palette.config.vocab_size}: pass the anchors' tokenizer with --tokenizer PATH"
         )
+    if device is not None:
+        palette.to(_device(device))
     return palette.eval()
+
+
+def _device(name: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise CliError(f"--device {name!r} is not usable here ({_one_line(error)}): pass auto, cpu or cuda") from error
+    return device
 
 
 def _stitch_index(palette: Any, value: str | int) -> int:
@@ -660,7 +676,9 @@ def evaluate(args: argparse.Namespace) -> int:
         raise CliError(f"--batch-size {args.batch_size} must be at least 1")
     if args.max_records is not None and args.max_records < 1:
         raise CliError(f"--max-records {args.max_records} must be at least 1")
-    palette = _load_palette(args.palette_dir, tokenizer=args.tokenizer, need_tokenizer=True)
+    palette = _load_palette(
+        args.palette_dir, tokenizer=args.tokenizer, need_tokenizer=True, dtype=args.dtype, device=args.device
+    )
     stitches = _stitch_selection(palette, args.stitches)
     limit = _context_limit(palette)
     dataset, collator, kind = _evaluation_data(args.data, palette.tokenizer, limit, args.max_length, args.max_records)
@@ -710,7 +728,8 @@ def export(args: argparse.Namespace) -> int:
     if Path(args.out).resolve() == Path(args.palette_dir).resolve():
         raise CliError("--out is the palette folder itself: export to another folder")
     out = _check_out_dir(args.out, args.overwrite)
-    palette = _load_palette(args.palette_dir)
+    # Profiling (for latency and memory budgets) measures the device the palette runs on.
+    palette = _load_palette(args.palette_dir, device=args.device if best else None)
     if best:
         profiled = bool((palette.config.stitch_profile or {}).get("stitches"))
         if ("max_latency_ms" in budgets or "max_memory_mb" in budgets) and not profiled:
@@ -756,7 +775,9 @@ def chat(args: argparse.Namespace) -> int:
         raise CliError(f"--max-new-tokens {args.max_new_tokens} must be at least 1")
     if args.temperature < 0:
         raise CliError(f"--temperature {args.temperature} must be 0 (greedy) or more")
-    palette = _load_palette(args.palette_dir, tokenizer=args.tokenizer, need_tokenizer=True)
+    palette = _load_palette(
+        args.palette_dir, tokenizer=args.tokenizer, need_tokenizer=True, dtype=args.dtype, device=args.device
+    )
     tokenizer = palette.tokenizer
     stitch = palette.active_stitch if args.stitch is None else _stitch_index(palette, args.stitch)
     limit = _context_limit(palette)
@@ -1055,6 +1076,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=1024, help="longest sequence, in tokens (default 1024)")
     p.add_argument("--max-records", type=int, metavar="N", help="evaluate only the first N records")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer folder or Hub id; default: the palette's")
+    p.add_argument("--device", default="auto", help="where to run: auto (cuda if available, default), cpu, cuda:1...")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype to load the palette in (default: saved)")
     p.add_argument(
         "--update-palette",
         action="store_true",
@@ -1085,6 +1108,9 @@ def _parser() -> argparse.ArgumentParser:
         "--max-latency-ms", metavar="T", help='per-token decode time budget for best, e.g. "20" or "20ms" (measured)'
     )
     p.add_argument("--max-memory-mb", metavar="M", help='memory budget for best, e.g. "800" or "2GB" (measured)')
+    p.add_argument(
+        "--device", default="auto", help="device that latency/memory budgets are measured on (default: auto)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a model already saved in --out")
 
     p = command(
@@ -1101,6 +1127,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--system", metavar="TEXT", help="system prompt")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer folder or Hub id; default: the palette's")
+    p.add_argument("--device", default="auto", help="where to run: auto (cuda if available, default), cpu, cuda:1...")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="dtype to load the palette in (default: saved)")
 
     p = command(
         "demo",

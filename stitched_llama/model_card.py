@@ -9,11 +9,6 @@ from __future__ import annotations
 
 import os
 
-try:  # the plot needs matplotlib and the full package; remote code without them still writes the card
-    from stitched_llama.evaluation import plot_pareto
-except ImportError:
-    plot_pareto = None
-
 PLOT_NAME = "pareto.png"
 
 
@@ -103,6 +98,10 @@ def write_model_card(palette, save_directory: str | os.PathLike, repo_id: str | 
     """Write README.md (and the plot, when metrics and matplotlib are there) into `save_directory`."""
     plot_file = None
     rows = stitch_rows(palette)
+    try:  # the plot needs matplotlib and the full package; remote code without them still writes the card
+        from stitched_llama.evaluation import plot_pareto
+    except ImportError:
+        plot_pareto = None
     if plot_pareto is not None and any("perplexity" in r for r in rows):
         plot_pareto(rows, os.path.join(save_directory, PLOT_NAME))
         plot_file = PLOT_NAME
