@@ -60,8 +60,8 @@ METHODS = {  # phase -> (StitchTrainingArguments.method, sampling)
     "esta-uniform": ("esta", "uniform"),
     "snnet-full": ("snnet-full", "uniform"),
 }
-PHASES = ("init", *METHODS, "diag-pos0", "report")
-DEFAULT_PHASES = ("init", *METHODS, "report")  # diag-pos0 is an optional diagnostic
+PHASES = ("init", *METHODS, "diag-pos0", "diag-sink", "report")
+DEFAULT_PHASES = ("init", *METHODS, "report")  # diag-pos0 and diag-sink are optional diagnostics
 TRANSCRIPT_PROMPTS = (
     'Define the word "harbor".',
     None,  # the first WordNet test prompt, filled in at run time
@@ -394,10 +394,12 @@ def fingerprint(palette: Any, setting: Setting) -> list[float]:
 
 
 @torch.no_grad()
-def text_perplexity(palette: Any, chunks: torch.LongTensor, setting: Setting, batch_size: int = 4) -> list[dict]:
+def text_perplexity(
+    palette: Any, chunks: torch.LongTensor, setting: Setting, batch_size: int = 4, stitches: list[int] | None = None
+) -> list[dict]:
     """Per-stitch next-token perplexity on fixed windows (every position but the first is predicted)."""
     rows = []
-    for k in range(palette.num_stitches):
+    for k in range(palette.num_stitches) if stitches is None else stitches:
         total, count, start = 0.0, 0, time.perf_counter()
         for i in range(0, len(chunks), batch_size):
             ids = chunks[i : i + batch_size].to(palette.device)
@@ -660,14 +662,20 @@ def run_diag_pos0(ctx: dict) -> dict:
                 (mapped - captured[j][:, 0]).norm(dim=-1).mean() / captured[j][:, 0].norm(dim=-1).mean()
             )
 
+    current: dict[str, int] = {}
+
+    def remember(module, args, kwargs):  # text_perplexity passes `stitch=k` to every forward
+        current["stitch"] = kwargs["stitch"]
+
     def fix(module, args, output):
         if output.shape[1] > 1:  # a full window starting at position 0 (no cache in this evaluation)
             output = output.clone()
-            output[:, 0] = constant[stitches[palette._running_stitch][1]].to(output.dtype)
+            output[:, 0] = constant[stitches[current["stitch"]][1]].to(output.dtype)
         return output
 
-    for layer in palette.stitch_layers.values():
-        layer.register_forward_hook(fix)
+    fix_handles = [layer.register_forward_hook(fix) for layer in palette.stitch_layers.values()]
+    fix_handles.append(palette.register_forward_pre_hook(remember, with_kwargs=True))
+    hybrids = [k for k in range(palette.num_stitches) if palette.config.stitch_layer_key(k) is not None]
     data = {
         name: text_chunks(
             ctx["cache"] / TEXT_DIR / f"{name}_heldout.txt", tokenizer, setting.heldout_seqs, setting.heldout_len
@@ -682,8 +690,230 @@ def run_diag_pos0(ctx: dict) -> dict:
     }
     for name, chunks in data.items():
         log(f"held-out perplexity on {name}, position 0 mapped to the large anchor's constant")
-        result["eval"][f"heldout_{name}"] = text_perplexity(palette, chunks, setting)
+        result["eval"][f"heldout_{name}"] = _full_rows(
+            text_perplexity(palette, chunks, setting, stitches=hybrids), palette.num_stitches
+        )
+    for h in fix_handles:
+        h.remove()
+    try:
+        result["outliers"] = outlier_diagnostic(palette, tokenizer, calibration, data["python_docs"], setting)
+    except Exception as error:  # a diagnostic must not stop the run
+        log(f"outlier diagnostic failed: {error!r}")
+        result["outliers"] = {"error": repr(error)}
     return result
+
+
+def _full_rows(rows: list[dict], num: int) -> list[dict]:
+    by_stitch = {r["stitch"]: r for r in rows}
+    return [by_stitch.get(k, {"stitch": k, "loss": None, "perplexity": None, "tokens": None}) for k in range(num)]
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def _collect_states(
+    palette: Any, ids: torch.LongTensor, pairs: list[tuple[int, int]], batch: int = 4, keep_first: bool = False
+):
+    """X[n]: small anchor after n layers, Y[j]: large anchor entering layer j; position 0 dropped unless
+    `keep_first`; float64, flattened over batch and positions."""
+    start = 0 if keep_first else 1
+    ns, js = sorted({n for n, _ in pairs}), sorted({j for _, j in pairs})
+    cap: dict = {}
+
+    def out_hook(n: int):
+        def hook(module, args, output):
+            cap[("s", n)] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    def in_hook(j: int):
+        def hook(module, args, kwargs):
+            cap[("l", j)] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def stop(*args):
+        raise _Stop
+
+    handles = [palette.small.model.layers[n - 1].register_forward_hook(out_hook(n)) for n in ns]
+    handles += [palette.large.model.layers[j].register_forward_pre_hook(in_hook(j), with_kwargs=True) for j in js]
+    handles.append(palette.small.model.layers[max(ns) - 1].register_forward_hook(stop))  # runs after out_hook
+    handles.append(palette.large.model.layers[max(js)].register_forward_pre_hook(stop))
+    xs: dict[int, list] = {n: [] for n in ns}
+    ys: dict[int, list] = {j: [] for j in js}
+    try:
+        for i in range(0, len(ids), batch):
+            b = ids[i : i + batch].to(palette.device)
+            for model in (palette.small.model, palette.large.model):
+                try:
+                    model(input_ids=b, use_cache=False)
+                except _Stop:
+                    pass
+            for n in ns:
+                xs[n].append(cap[("s", n)][:, start:].reshape(-1, cap[("s", n)].shape[-1]).double().cpu())
+            for j in js:
+                ys[j].append(cap[("l", j)][:, start:].reshape(-1, cap[("l", j)].shape[-1]).double().cpu())
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(v) for n, v in xs.items()}, {j: torch.cat(v) for j, v in ys.items()}
+
+
+def _ridge_fit(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
+    """The library's objective (stitch_init.fit_stitch_layers): ridge relative to the mean eigenvalue, bias free."""
+    x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+    gram = x1.T @ x1
+    penalty = torch.ones(len(gram), dtype=x.dtype)
+    penalty[-1] = 0.0
+    lam = ridge * float(gram.diagonal()[:-1].mean())
+    return torch.linalg.solve(gram + lam * torch.diag(penalty), x1.T @ y)
+
+
+def _rel_err(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float | None:
+    if len(x) == 0:
+        return None
+    x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
+    return float((x1 @ w - y).norm() / y.norm())
+
+
+def outlier_diagnostic(
+    palette: Any, tokenizer: Any, calibration: torch.LongTensor, heldout: torch.LongTensor, setting: Setting
+) -> dict:
+    """Do a few tokens with huge hidden-state norms (massive activations past position 0) dominate the LS fit?
+
+    On half of the calibration windows: token norms of the fit targets, the library's fit (refitted on these windows)
+    and a fit that leaves out tokens whose target norm exceeds 5x the median; relative errors on held-out windows,
+    split into ordinary and outlier tokens; and held-out perplexity of the hybrids with the outlier-free fit.
+    """
+    stitches = [tuple(s) for s in palette.config.stitches]
+    hybrids = [k for k in range(len(stitches)) if palette.config.stitch_layer_key(k) is not None]
+    pairs = [stitches[k] for k in hybrids]
+    log("outlier diagnostic: collecting hidden states")
+    xc, yc = _collect_states(palette, calibration[::2], pairs)
+    xh, yh = _collect_states(palette, heldout, pairs)
+    held_tokens = heldout[:, 1:].reshape(-1)
+    rows, robust = {}, {}
+    for k in hybrids:
+        n, j = stitches[k]
+        norms_c, norms_h = yc[j].norm(dim=1), yh[j].norm(dim=1)
+        threshold = 5 * float(norms_c.median())
+        out_c, out_h = norms_c > threshold, norms_h > threshold
+        sq = (norms_c**2).sort(descending=True).values
+        w_plain = _ridge_fit(xc[n], yc[j])
+        w_robust = _ridge_fit(xc[n][~out_c], yc[j][~out_c])
+        layer = palette.stitch_layers[palette.config.stitch_layer_key(k)]
+        w_lib = torch.cat([layer.weight.detach().T, layer.bias.detach()[None]]).double().cpu()
+        rows[str(k)] = {
+            "n": n,
+            "j": j,
+            "target_norm_median": float(norms_c.median()),
+            "target_norm_p99": float(norms_c.quantile(0.99)),
+            "target_norm_max": float(norms_c.max()),
+            "outlier_threshold": threshold,
+            "outlier_share_calibration": float(out_c.float().mean()),
+            "outlier_share_heldout": float(out_h.float().mean()),
+            "sum_sq_share_top1pct": float(sq[: max(1, len(sq) // 100)].sum() / sq.sum()),
+            "heldout_err_library_fit": _rel_err(w_lib, xh[n], yh[j]),
+            "heldout_err_library_fit_ordinary": _rel_err(w_lib, xh[n][~out_h], yh[j][~out_h]),
+            "heldout_err_library_fit_outliers": _rel_err(w_lib, xh[n][out_h], yh[j][out_h]),
+            "heldout_err_refit_ordinary": _rel_err(w_plain, xh[n][~out_h], yh[j][~out_h]),
+            "heldout_err_outlier_free_fit_ordinary": _rel_err(w_robust, xh[n][~out_h], yh[j][~out_h]),
+            "heldout_err_outlier_free_fit_outliers": _rel_err(w_robust, xh[n][out_h], yh[j][out_h]),
+            "outlier_tokens_heldout": sorted({tokenizer.decode([int(t)]) for t in held_tokens[out_h]})[:30],
+        }
+        robust[k] = w_robust
+        log(f"  stitch {k} {(n, j)}: {json.dumps(rows[str(k)])}")
+    with torch.no_grad():
+        for k, w in robust.items():
+            layer = palette.stitch_layers[palette.config.stitch_layer_key(k)]
+            layer.weight.copy_(w[:-1].T.to(layer.weight.dtype))
+            layer.bias.copy_(w[-1].to(layer.bias.dtype))
+    log("held-out perplexity with the outlier-free fit")
+    ppl = text_perplexity(palette, heldout, setting, stitches=hybrids)
+    for r in ppl:
+        rows[str(r["stitch"])]["heldout_perplexity_outlier_free_fit"] = r["perplexity"]
+    return {"calibration_tokens": len(yc[pairs[0][1]]), "heldout_tokens": len(yh[pairs[0][1]]), "stitches": rows}
+
+
+def run_diag_sink(ctx: dict) -> dict:
+    """Diagnostic: a sink-aware stitch. The small anchor's states with a massive norm (position 0 and the rare
+    later attention-sink tokens) are mapped to the large anchor's mean state there; P_n is refitted on the other
+    tokens only (same objective and ridge as the library). Held-out perplexity of the hybrids.
+    """
+    from transformers import AutoTokenizer
+
+    setting, paths, work = ctx["setting"], ctx["paths"], ctx["work"]
+    init = json.loads((ctx["raw"] / "init.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(paths["small"])
+    palette = reload_palette(paths, init["stitches"], work, setting)
+    calibration = text_chunks(paths["calib"], tokenizer, setting.calib_tokens // setting.calib_len, setting.calib_len)
+    heldout = text_chunks(
+        ctx["cache"] / TEXT_DIR / "python_docs_heldout.txt", tokenizer, setting.heldout_seqs, setting.heldout_len
+    )
+    stitches = [tuple(s) for s in palette.config.stitches]
+    hybrids = [k for k in range(len(stitches)) if palette.config.stitch_layer_key(k) is not None]
+    pairs = [stitches[k] for k in hybrids]
+    log("sink diagnostic: collecting hidden states (position 0 kept)")
+    xc, yc = _collect_states(palette, calibration, pairs, keep_first=True)
+    first = torch.zeros(len(calibration), calibration.shape[1], dtype=torch.bool)
+    first[:, 0] = True
+    first = first.reshape(-1)
+    rows, plans = {}, {}
+    for k in hybrids:
+        n, j = stitches[k]
+        x_norm, y_norm = xc[n].norm(dim=1), yc[j].norm(dim=1)
+        x_thr = 5 * float(x_norm[~first].median())
+        y_thr = 5 * float(y_norm[~first].median())
+        x_sink, y_sink = (x_norm > x_thr) & ~first, (y_norm > y_thr) & ~first
+        ordinary = ~first & ~x_sink
+        w = _ridge_fit(xc[n][ordinary], yc[j][ordinary])
+        c_first = yc[j][first].mean(0)
+        c_sink = yc[j][x_sink].mean(0) if x_sink.any() else c_first
+        rows[str(k)] = {
+            "n": n,
+            "j": j,
+            "small_norm_threshold": x_thr,
+            "small_sinks": int(x_sink.sum()),
+            "large_sinks": int(y_sink.sum()),
+            "sinks_in_both": int((x_sink & y_sink).sum()),
+            "first_position_large_norm_mean": float(y_norm[first].mean()),
+            "cosine_first_vs_later_sinks": float(torch.nn.functional.cosine_similarity(c_first, c_sink, dim=0)),
+            "calibration_tokens": int(len(first)),
+        }
+        plans[k] = (w, c_first, c_sink, x_thr)
+        log(f"  stitch {k} {(n, j)}: {json.dumps(rows[str(k)])}")
+    key_of = {palette.config.stitch_layer_key(k): k for k in hybrids}
+    if len(key_of) != len(hybrids):
+        raise ValueError("diag-sink assumes one hybrid per stitching layer; pass stitches with distinct n.")
+    with torch.no_grad():
+        for key, k in key_of.items():
+            layer, (w, *_rest) = palette.stitch_layers[key], plans[k]
+            layer.weight.copy_(w[:-1].T.to(layer.weight.dtype))
+            layer.bias.copy_(w[-1].to(layer.bias.dtype))
+
+    def sink_hook(k: int):
+        _, c_first, c_sink, threshold = plans[k]
+
+        def hook(module, args, output):
+            x = args[0]
+            output = output.clone()
+            sinks = x.norm(dim=-1) > threshold
+            output[sinks] = c_sink.to(output.dtype)
+            if output.shape[1] > 1:  # a full window starting at position 0 (no cache in this evaluation)
+                output[:, 0] = c_first.to(output.dtype)
+            return output
+
+        return hook
+
+    for key, k in key_of.items():
+        palette.stitch_layers[key].register_forward_hook(sink_hook(k))
+    log("held-out perplexity with sink-aware stitching")
+    ppl = text_perplexity(palette, heldout, setting, stitches=hybrids)
+    for r in ppl:
+        rows[str(r["stitch"])]["heldout_perplexity_sink_aware"] = r["perplexity"]
+    return {"stitches": init["stitches"], "rows": rows}
 
 
 class _NoOpOptimizer(torch.optim.Optimizer):
@@ -832,8 +1062,12 @@ def run_phase(ctx: dict, phase: str) -> None:
     torch.manual_seed(ctx["setting"].seed)
     if phase == "init":
         result = run_init(ctx)
-    elif phase == "diag-pos0":
-        result = run_diag_pos0(ctx)
+    elif phase in ("diag-pos0", "diag-sink"):
+        try:
+            result = run_diag_pos0(ctx) if phase == "diag-pos0" else run_diag_sink(ctx)
+        except Exception as error:  # a diagnostic must not stop the run
+            log(f"{phase} failed: {error!r}")
+            result = {"error": repr(error)}
     else:
         result = run_method(ctx, phase)
     result["phase"] = phase
@@ -876,9 +1110,11 @@ def build_report(out: Path, settings_run: list[str]) -> None:
         results = {p: json.loads((raw / f"{p}.json").read_text()) for p in LABELS if (raw / f"{p}.json").exists()}
         diag = raw / "diag-pos0.json"
         diagnostic = json.loads(diag.read_text()) if diag.exists() else None
+        sink_file = raw / "diag-sink.json"
+        sink = json.loads(sink_file.read_text()) if sink_file.exists() else None
         if "init" not in results:
             continue
-        summary = summarize(results, diagnostic)
+        summary = summarize(results, diagnostic, sink)
         (out / f"pareto_{name}.json").write_text(json.dumps(summary, indent=1))
         plot(summary, out / f"pareto_{name}.png", name)
         sections.append(markdown(summary, name))
@@ -890,7 +1126,7 @@ def build_report(out: Path, settings_run: list[str]) -> None:
     log(f"wrote {out / 'pareto.md'}, {out / 'transcripts.md'} and pareto_*.json/png")
 
 
-def summarize(results: dict, diagnostic: dict | None = None) -> dict:
+def summarize(results: dict, diagnostic: dict | None = None, sink: dict | None = None) -> dict:
     init = results["init"]
     table = init["stitch_table"]
     summary: dict[str, Any] = {
@@ -943,12 +1179,15 @@ def summarize(results: dict, diagnostic: dict | None = None) -> dict:
                 }
             )
         summary["phases"][phase] = entry
-    if diagnostic is not None:
+    if diagnostic is not None and "eval" in diagnostic:
+        summary["diag_outliers"] = diagnostic.get("outliers")
         summary["diag_pos0"] = {
             "heldout_python_docs_perplexity": [x["perplexity"] for x in diagnostic["eval"]["heldout_python_docs"]],
             "pos0_relative_spread_large": diagnostic["pos0_relative_spread_large"],
             "pos0_relative_gap_stitched": diagnostic["pos0_relative_gap_stitched"],
         }
+    if sink is not None and "rows" in sink:
+        summary["diag_sink"] = sink["rows"]
     summary["claims"] = check_claims(summary)
     return summary
 
@@ -1082,11 +1321,57 @@ def markdown(summary: dict, name: str) -> str:
             lines += [
                 "Diagnostic (`--phases diag-pos0`, not a library feature): position 0 after the stitching layer "
                 "replaced by the large anchor's mean position-0 state entering layer j (mean over the calibration "
-                "windows' first tokens). The large anchor's position-0 state varies little with the token (mean "
-                f"relative distance to that mean: {spread}); 'position-0 gap after P_n' is the relative distance "
+                "windows' first tokens). How much the large anchor's position-0 state varies with the token (mean "
+                f"relative distance to that mean): {spread}; 'position-0 gap after P_n' is the relative distance "
                 "between what the LS-fitted P_n produces at position 0 and the large anchor's own state there.",
                 "",
             ]
+    outliers = (summary.get("diag_outliers") or {}).get("stitches")
+    if outliers:
+        lines += [
+            "Diagnostic (`--phases diag-pos0`): do tokens with huge hidden-state norms past position 0 dominate the "
+            f"fit? Refitted on {summary['diag_outliers']['calibration_tokens']} of the calibration tokens; "
+            "'outliers' are tokens whose target norm (large anchor entering layer j) exceeds 5x the median; errors "
+            "are relative (||XW - Y|| / ||Y||) on the held-out windows; the last column is the held-out perplexity "
+            "with P_n refitted without the outlier tokens (not a library feature).",
+            "",
+            "| stitch | (n, j) | target norm median / p99 / max | outlier share | top-1% share of sum sq | "
+            "library fit: error all / ordinary / outliers | outlier-free fit: error ordinary / outliers | "
+            "perplexity, library fit | perplexity, outlier-free fit |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for k, r in outliers.items():
+            lines.append(
+                f"| {k} | ({r['n']}, {r['j']}) | {r['target_norm_median']:.1f} / {r['target_norm_p99']:.1f} / "
+                f"{r['target_norm_max']:.1f} | {100 * r['outlier_share_calibration']:.2f}% | "
+                f"{100 * r['sum_sq_share_top1pct']:.1f}% | {_fmt(r['heldout_err_library_fit'], 3)} / "
+                f"{_fmt(r['heldout_err_library_fit_ordinary'], 3)} / {_fmt(r['heldout_err_library_fit_outliers'], 3)} | "
+                f"{_fmt(r['heldout_err_outlier_free_fit_ordinary'], 3)} / "
+                f"{_fmt(r['heldout_err_outlier_free_fit_outliers'], 3)} | {_fmt(ppl[int(k)]) if ppl else 'n/a'} | "
+                f"{_fmt(r.get('heldout_perplexity_outlier_free_fit'))} |"
+            )
+        tokens = sorted({t for r in outliers.values() for t in r["outlier_tokens_heldout"]})[:40]
+        lines += ["", f"Outlier tokens seen in the held-out windows: {json.dumps(tokens)}", ""]
+    sink = summary.get("diag_sink")
+    if sink:
+        lines += [
+            "Diagnostic (`--phases diag-sink`, not a library feature): sink-aware stitching. Tokens whose small-anchor "
+            "state norm exceeds 5x the median (the later attention-sink tokens) are mapped to the large anchor's mean "
+            "state at those tokens, position 0 to its mean position-0 state, and P_n is refitted on all other tokens "
+            "(library objective and ridge, all calibration windows). Held-out python-docs perplexity:",
+            "",
+            "| stitch | (n, j) | library LS | sink-aware | / small anchor | later sinks in calibration (small / large "
+            "/ both) | cosine(position-0 state, later-sink state) |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for k, r in sink.items():
+            value = r.get("heldout_perplexity_sink_aware")
+            lines.append(
+                f"| {k} | ({r['n']}, {r['j']}) | {_fmt(ppl[int(k)]) if ppl else 'n/a'} | {_fmt(value)} | "
+                f"{_fmt(value / ppl[0]) if value and ppl else 'n/a'} | {r['small_sinks']} / {r['large_sinks']} / "
+                f"{r['sinks_in_both']} | {_fmt(r['cosine_first_vs_later_sinks'], 3) if r['small_sinks'] else 'n/a'} |"
+            )
+        lines.append("")
     order = [p for p in LABELS if p in phases]
     lines += [
         "### (b) WordNet test perplexity / token F1 per stitch",
@@ -1153,15 +1438,15 @@ def transcript_markdown(results: dict, name: str) -> str:
                 f"**stitch {st['stitch']} ({st['n']}, {st['j']}), {st['kind']}, "
                 f"{st['flops_per_token'] / 1e9:.2f} GFLOPs/token**"
             )
-            lines += [head, "", "- before: " + _quote(row["answers"][i])]
+            lines += [head, "", "before tuning:", *_fence(row["answers"][i])]
             if after:
-                lines.append("- after: " + _quote(after[j]["answers"][i]))
-            lines.append("")
+                lines += ["after tuning:", *_fence(after[j]["answers"][i])]
     return "\n".join(lines)
 
 
-def _quote(text: str) -> str:
-    return "`" + text.replace("`", "'").replace("\n", "\\n") + "`" if text else "*(empty)*"
+def _fence(text: str) -> list[str]:
+    """The answer verbatim in a tilde-fenced block (answers contain backtick fences of their own)."""
+    return ["~~~text", text.replace("~~~", "~ ~ ~") if text else "(empty answer)", "~~~", ""]
 
 
 def plot(summary: dict, path: Path, name: str) -> None:
@@ -1189,6 +1474,10 @@ def plot(summary: dict, path: Path, name: str) -> None:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    if summary.get("diag_sink"):
+        values = [summary["diag_sink"].get(str(k), {}).get("heldout_perplexity_sink_aware") for k in range(len(flops))]
+        axes[0].plot(flops[1:-1], values[1:-1], "s:", label="sink-aware stitching (diagnostic)")
+        axes[0].legend(fontsize=8)
     if summary.get("diag_pos0"):
         values = summary["diag_pos0"]["heldout_python_docs_perplexity"]
         axes[0].plot(flops[1:-1], values[1:-1], "x--", label="LS init, position 0 -> large constant (diagnostic)")
