@@ -93,6 +93,7 @@ class Setting:
     max_new_tokens: int
     transcript_new_tokens: int
     snnet_optimizer: str  # "adamw" or "adafactor-fused"
+    map_first_token: bool = True  # from_anchors' first-token mapping (off: the plain least-squares stitch)
     seed: int = 0
 
 
@@ -355,8 +356,9 @@ def load_anchor(path: Path, setting: Setting) -> Any:
     return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
-def reload_palette(paths: dict, stitches: list, work: Path, setting: Setting) -> Any:
-    """The LS-initialised palette of the `init` phase, rebuilt from the anchors and its saved stitching layers."""
+def reload_palette(paths: dict, init: dict, work: Path, setting: Setting) -> Any:
+    """The LS-initialised palette of the `init` phase, rebuilt from the anchors and its saved stitching layers
+    (and first-token states)."""
     from safetensors.torch import load_file
 
     from stitched_llama import StitchedLlamaConfig, StitchedLlamaForCausalLM
@@ -366,13 +368,18 @@ def reload_palette(paths: dict, stitches: list, work: Path, setting: Setting) ->
     config = StitchedLlamaConfig(
         small_config=small.config,
         large_config=large.config,
-        stitches=[list(s) for s in stitches],
+        stitches=[list(s) for s in init["stitches"]],
+        map_first_token=init.get("map_first_token", False),
         attn_implementation=attn.pop() if len(attn) == 1 else None,
     )
     palette = StitchedLlamaForCausalLM(config, small=small, large=large)
     reference = large.get_input_embeddings().weight
-    palette.stitch_layers.load_state_dict(load_file(work / "stitch_layers.safetensors"))
+    state = load_file(work / "stitching.safetensors")
+    missing, unexpected = palette.load_state_dict(state, strict=False)
+    if unexpected or any(m.startswith(("stitch_layers.", "first_token_states.")) for m in missing):
+        raise RuntimeError(f"{work / 'stitching.safetensors'} does not fit this palette: rerun the init phase.")
     palette.stitch_layers.to(device=reference.device, dtype=reference.dtype)
+    palette.first_token_states.to(device=reference.device, dtype=reference.dtype)
     return palette.eval()
 
 
@@ -584,21 +591,25 @@ def run_init(ctx: dict) -> dict:
         tokenizer=tokenizer,
         max_length=setting.calib_len,
         batch_size=4,
+        map_first_token=setting.map_first_token,
         **kwargs,
     ).eval()
     build_seconds = time.perf_counter() - start
     log(f"palette built in {build_seconds:.0f}s; fit errors {palette.stitch_fit_errors}")
     log(palette.format_stitch_table())
     work.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.detach().float().cpu().contiguous() for k, v in palette.stitch_layers.state_dict().items()},
-        work / "stitch_layers.safetensors",
-    )
+    stitching = {
+        f"{prefix}.{k}": v.detach().float().cpu().contiguous()
+        for prefix in ("stitch_layers", "first_token_states")
+        for k, v in getattr(palette, prefix).state_dict().items()
+    }
+    save_file(stitching, work / "stitching.safetensors")
     data = load_data(ctx["cache"], tokenizer, setting)
     result = {
         "stitches": [list(s) for s in palette.config.stitches],
         "stitch_table": palette.stitch_table(),
         "fit_errors": palette.stitch_fit_errors,
+        "map_first_token": palette.config.map_first_token,
         "calibration_tokens": int(calibration.numel()),
         "build_seconds": build_seconds,
         "fingerprint": fingerprint(palette, setting),
@@ -626,7 +637,7 @@ def run_diag_pos0(ctx: dict) -> dict:
     setting, paths, work = ctx["setting"], ctx["paths"], ctx["work"]
     init = json.loads((ctx["raw"] / "init.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(paths["small"])
-    palette = reload_palette(paths, init["stitches"], work, setting)
+    palette = reload_palette(paths, init, work, setting)
     calibration = text_chunks(paths["calib"], tokenizer, setting.calib_tokens // setting.calib_len, setting.calib_len)
     stitches = [tuple(s) for s in palette.config.stitches]
     entries = sorted({j for k, (n, j) in enumerate(stitches) if palette.config.stitch_layer_key(k) is not None})
@@ -847,7 +858,7 @@ def run_diag_sink(ctx: dict) -> dict:
     setting, paths, work = ctx["setting"], ctx["paths"], ctx["work"]
     init = json.loads((ctx["raw"] / "init.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(paths["small"])
-    palette = reload_palette(paths, init["stitches"], work, setting)
+    palette = reload_palette(paths, init, work, setting)
     calibration = text_chunks(paths["calib"], tokenizer, setting.calib_tokens // setting.calib_len, setting.calib_len)
     heldout = text_chunks(
         ctx["cache"] / TEXT_DIR / "python_docs_heldout.txt", tokenizer, setting.heldout_seqs, setting.heldout_len
@@ -957,7 +968,7 @@ def run_method(ctx: dict, phase: str) -> dict:
     init = json.loads((ctx["raw"] / "init.json").read_text())
     method, sampling = METHODS[phase]
     tokenizer = AutoTokenizer.from_pretrained(paths["small"])
-    palette = reload_palette(paths, init["stitches"], work, setting)
+    palette = reload_palette(paths, init, work, setting)
     check = fingerprint(palette, setting)
     if not all(math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-2) for a, b in zip(check, init["fingerprint"])):
         raise RuntimeError(f"Reloaded palette differs from the fitted one: {check} vs {init['fingerprint']}")
@@ -1508,6 +1519,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--phases", default=",".join(DEFAULT_PHASES), help=f"comma-separated subset of {','.join(PHASES)}"
     )
+    parser.add_argument(
+        "--no-map-first-token", action="store_true", help="plain least-squares stitches (no first-token mapping)"
+    )
     parser.add_argument("--force", action="store_true", help="rerun phases whose results exist")
     parser.add_argument("--work-dir", default=None, help="scratch (stitching layers, trainer output)")
     parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # internal: run one phase in-process
@@ -1522,6 +1536,7 @@ def main(argv: list[str] | None = None) -> None:
             setting.amp_bf16 = False
     if args.snnet_optimizer is not None:
         setting.snnet_optimizer = args.snnet_optimizer
+    setting.map_first_token = not args.no_map_first_token
     stitches = parse_stitches(args.stitches)
     cache = resolve_cache_dir(args.cache_dir)
     if stitches == []:  # "all": the default palette

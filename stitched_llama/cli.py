@@ -498,6 +498,7 @@ def build(args: argparse.Namespace) -> int:
             calibration=calibration,
             tokenizer=tokenizer,
             share_stitch_layers=not args.no_share_stitch_layers,
+            map_first_token=not args.no_map_first_token,
             ridge=args.ridge,
             max_length=args.max_length,
             **kwargs,
@@ -1038,6 +1039,11 @@ def _parser() -> argparse.ArgumentParser:
         "--no-share-stitch-layers",
         action="store_true",
         help="one stitching layer per stitch instead of one per small-anchor cut n",
+    )
+    p.add_argument(
+        "--no-map-first-token",
+        action="store_true",
+        help="let the first token pass through the stitching layer too, instead of the large anchor's mean state",
     )
     p.add_argument("--dtype", choices=DTYPES, help="dtype to load the anchors in (default: their saved dtype)")
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer folder or Hub id; default: the one of SMALL")

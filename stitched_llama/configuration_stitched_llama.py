@@ -76,6 +76,11 @@ class StitchedLlamaConfig(PreTrainedConfig):
         stitch_bias_targets (`list[str]`, *optional*):
             Names of the linear layers (e.g. `q_proj`, `stitch_layers`) that carry stitch-specific biases: each
             stitch owns a bias vector for every such layer it runs, added only while that stitch is active.
+        map_first_token (`bool`, defaults to `False`):
+            In a hybrid stitch, replace the first token's state after the stitching layer by the large anchor's
+            mean state there (`first_token_states`, fitted by `from_anchors`). LLMs park massive activations on
+            the first token; its state in the large anchor is nearly the same whatever the token, and a linear
+            map fitted to the other tokens cannot carry it across.
     """
 
     model_type = "stitched_llama"
@@ -94,6 +99,7 @@ class StitchedLlamaConfig(PreTrainedConfig):
     stitch_importance: list | None = None
     stitch_metrics: dict | None = None
     stitch_profile: dict | None = None
+    map_first_token: bool = False
     slim: bool = False
     use_cache: bool = True
     tie_word_embeddings: bool = False

@@ -141,7 +141,8 @@ def merge_esta(model: nn.Module) -> StitchedLlamaForCausalLM:
 
 
 def save_esta_adapter(model: PeftModel, save_directory: str | os.PathLike) -> None:
-    """Save only what training added on top of the anchors: LoRA, stitching layers, stitch biases, config.
+    """Save only what the palette adds to the anchors: LoRA, stitching layers, first-token states, stitch biases
+    and config.
 
     The anchors are referenced by name (`small_name_or_path` / `large_name_or_path` of the anchors' configs),
     so a Hub upload stays small; `load_esta_adapter` rebuilds the palette on top of them.
@@ -149,7 +150,8 @@ def save_esta_adapter(model: PeftModel, save_directory: str | os.PathLike) -> No
     palette = unwrap_palette(model)
     os.makedirs(save_directory, exist_ok=True)
     model.save_pretrained(save_directory)
-    state = {n: p.detach().contiguous() for n, p in palette.named_parameters() if n.startswith("stitch_")}
+    own = ("stitch_layers.", "stitch_biases.", "first_token_states.")
+    state = {n: t.detach().contiguous() for n, t in palette.state_dict().items() if n.startswith(own)}
     # peft's LoRA wrappers rename the stitching layer weights; store them under the palette's plain names.
     state = {n.replace(".base_layer", ""): t for n, t in state.items() if "lora_" not in n}
     save_file(state, os.path.join(save_directory, _EXTRA_WEIGHTS))
@@ -186,6 +188,7 @@ def load_esta_adapter(
     if missing:
         raise ValueError(f"{directory}/{_EXTRA_WEIGHTS} holds weights this palette does not have: {missing[:5]}")
     palette.stitch_layers.to(device=reference.device, dtype=reference.dtype)
+    palette.first_token_states.to(device=reference.device, dtype=reference.dtype)
     palette.stitch_biases.to(device=reference.device)
     palette.requires_grad_(False)
     model = PeftModel.from_pretrained(palette, directory, is_trainable=is_trainable)

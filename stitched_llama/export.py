@@ -125,6 +125,7 @@ def _slim_palette(palette: nn.Module, stitch: int, state: dict) -> nn.Module:
         slim=True,
         share_stitch_layers=True,
         stitch_bias_targets=config.stitch_bias_targets if str(stitch) in palette.stitch_biases else None,
+        map_first_token=config.map_first_token and not is_anchor,
         attn_implementation=config._attn_implementation,
     )
     model = type(palette)(slim_config)
@@ -138,6 +139,7 @@ def _slim_palette(palette: nn.Module, stitch: int, state: dict) -> nn.Module:
             name = _renumber(name, "large", j)
             if old_key is not None:
                 name = name.replace(f"stitch_layers.{old_key}.", f"stitch_layers.{new_key}.")
+            name = name.replace(f"first_token_states.{n}_{j}.", f"first_token_states.{n}_0.")
             if name.startswith("stitch_biases."):
                 name = _renumber(name, "large", j, sep="-")
                 if old_key is not None:

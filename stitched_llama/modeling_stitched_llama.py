@@ -26,7 +26,7 @@ from .budget import profile_stitches, select_stitch
 from .configuration_stitched_llama import StitchedLlamaConfig
 from .export import export_stitch
 from .model_card import write_model_card
-from .stitch_init import calibration_batches, fit_stitch_layers
+from .stitch_init import calibration_batches, fit_first_token_states, fit_stitch_layers
 
 logger = logging.get_logger(__name__)
 
@@ -36,6 +36,30 @@ def _layer_type(config, i: int) -> str:
     if layer_types is not None:
         return layer_types[i]
     return "sliding_attention" if getattr(config, "sliding_window", None) is not None else "full_attention"
+
+
+class FirstTokenState(nn.Module):
+    """The large anchor's mean state entering layer `j` at the first token, which a hybrid stitch feeds it there
+    instead of the stitching layer's output (`config.map_first_token`). A buffer: fitted, never trained."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.register_buffer("state", torch.zeros(hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor, is_first: torch.BoolTensor) -> torch.Tensor:
+        return torch.where(is_first.unsqueeze(-1), self.state.to(hidden_states.dtype), hidden_states)
+
+
+def _first_token_mask(attention_mask: torch.Tensor | None, past_seen: int, shape: torch.Size) -> torch.BoolTensor:
+    """`[batch, seq]`: True where the token is its row's first real one (left padding and caches included)."""
+    batch, length = shape[0], shape[1]
+    device = attention_mask.device if attention_mask is not None else None
+    index = torch.arange(past_seen, past_seen + length, device=device)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        first = attention_mask.long().argmax(dim=-1)  # the first attended position of each row
+    else:
+        first = torch.zeros(batch, dtype=torch.long, device=device)
+    return index.unsqueeze(0) == first.unsqueeze(1)
 
 
 class StitchedLlamaPreTrainedModel(PreTrainedModel):
@@ -59,6 +83,8 @@ class StitchedLlamaPreTrainedModel(PreTrainedModel):
                 k = min(module.in_features, module.out_features)
                 module.weight[:k, :k] = torch.eye(k, dtype=module.weight.dtype)
                 module.bias.zero_()
+        elif isinstance(module, FirstTokenState):
+            module.state.zero_()
 
 
 class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
@@ -87,6 +113,11 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
         d_small, d_large = config.small_config.hidden_size, config.large_config.hidden_size
         keys = {config.stitch_layer_key(k) for k in range(len(config.stitches))} - {None}
         self.stitch_layers = nn.ModuleDict({key: nn.Linear(d_small, d_large) for key in sorted(keys)})
+        self.first_token_states = nn.ModuleDict()
+        if config.map_first_token:
+            hybrids = [k for k in range(len(config.stitches)) if config.stitch_layer_key(k) is not None]
+            for k in hybrids:
+                self.first_token_states[self._first_token_key(k)] = FirstTokenState(d_large)
         self.stitch_biases = nn.ModuleDict()
         # Shared with `stitch_view`s: the bias hooks read the stitch of whichever forward is running.
         self._bias_state = {"stitch": config.default_stitch}
@@ -203,10 +234,16 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
         key = self.config.stitch_layer_key(stitch)
         if key is not None:
             prefixes.append(f"stitch_layers.{key}")
+        if self._first_token_key(stitch) in self.first_token_states:
+            prefixes.append(f"first_token_states.{self._first_token_key(stitch)}")
         prefixes += [f"{names[id(exit_)]}.model.norm", f"{names[id(exit_)]}.lm_head"]
         if str(stitch) in self.stitch_biases:
             prefixes.append(f"stitch_biases.{stitch}")
         return prefixes
+
+    def _first_token_key(self, stitch: int) -> str:
+        n, j = self.config.stitches[stitch]
+        return f"{n}_{j}"
 
     def add_stitch_biases(self, targets: Sequence[str]) -> None:
         """Give every stitch a zero bias on each `targets` linear it runs (e.g. `["q_proj", "stitch_layers"]`)."""
@@ -281,8 +318,8 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
             inputs_embeds = entry.model.embed_tokens(input_ids)
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
+        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
-            past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
             position_ids = position_ids.unsqueeze(0)
 
@@ -307,6 +344,11 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
             for (anchor, layer_ids), anchor_masks in zip(segments, masks):
                 if anchor is self.large and len(segments) == 2:
                     hidden_states = self.stitch_layers[self.config.stitch_layer_key(stitch)](hidden_states)
+                    if self.config.map_first_token:
+                        is_first = _first_token_mask(attention_mask, past_seen, hidden_states.shape)
+                        hidden_states = self.first_token_states[self._first_token_key(stitch)](
+                            hidden_states, is_first.to(hidden_states.device)
+                        )
                 position_embeddings = anchor.model.rotary_emb(hidden_states, position_ids=position_ids)
                 layer_types = [_layer_type(anchor.config, i) for i in layer_ids]
                 for i, layer_type in zip(layer_ids, layer_types):
@@ -349,6 +391,7 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
         tokenizer: Any = None,
         *,
         share_stitch_layers: bool = True,
+        map_first_token: bool = True,
         ridge: float = 1e-2,
         max_length: int = 512,
         batch_size: int = 8,
@@ -364,6 +407,8 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
             tokenizer: the anchors' shared tokenizer; loaded from `small` when that is a path and None is given.
                 It is saved alongside the palette.
             share_stitch_layers: one stitching layer per small-anchor cut `n` (True) or one per stitch.
+            map_first_token: feed the large anchor its own mean first-token state in hybrid stitches (see
+                `StitchedLlamaConfig.map_first_token`); fitted on the calibration sequences' first tokens.
             ridge: ridge term of the fit, relative to the mean eigenvalue of the normal equations.
             max_length, batch_size: how calibration text is cut and batched.
             kwargs: passed to `AutoModelForCausalLM.from_pretrained` for anchors given as paths
@@ -387,11 +432,13 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
             large_config=large.config,
             stitches=[list(s) for s in stitches] if stitches is not None else None,
             share_stitch_layers=share_stitch_layers,
+            map_first_token=map_first_token,
             attn_implementation=attn.pop() if len(attn) == 1 else None,
         )
         model = cls(config, small=small, large=large)
         reference = large.get_input_embeddings().weight
         model.stitch_layers.to(device=reference.device, dtype=reference.dtype)
+        model.first_token_states.to(device=reference.device, dtype=reference.dtype)
         model.eval()
 
         targets: dict[str, list[tuple[int, int]]] = {}
@@ -410,6 +457,12 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
             )
             errors = fit_stitch_layers(small, large, model.stitch_layers, targets, batches, ridge=ridge)
             model.stitch_fit_errors = errors
+            if map_first_token:
+                hybrids = [k for k in range(len(config.stitches)) if config.stitch_layer_key(k) is not None]
+                entries = {model._first_token_key(k): config.stitches[k][1] for k in hybrids}
+                states = fit_first_token_states(large, sorted(set(entries.values())), batches)
+                for key, module in model.first_token_states.items():
+                    module.state.copy_(states[entries[key]].to(module.state.dtype))
             logger.info(
                 "Stitching layers fitted; relative error per layer: "
                 + ", ".join(f"P_{key}: {err:.3f}" for key, err in errors.items())

@@ -8,6 +8,9 @@ over the non-padding tokens of the calibration text, where `h_S[n]` is the small
 `n` layers and `h_L[j]` the large anchor's hidden state entering layer `j`. The first token of every sequence
 is left out: its massive activations dominate a plain fit. This file travels with the modeling file as remote
 code, so it imports only torch and transformers.
+
+That first token is handled apart (`fit_first_token_states`): its state in the large anchor is nearly the same
+whatever the token, so a hybrid stitch can feed the large anchor that mean state there.
 """
 
 from __future__ import annotations
@@ -179,3 +182,30 @@ def fit_stitch_layers(
         layer.weight.copy_(w[:-1].T.to(layer.weight.dtype))
         layer.bias.copy_(w[-1].to(layer.bias.dtype))
     return errors
+
+
+@torch.no_grad()
+def fit_first_token_states(
+    large: nn.Module, entries: Sequence[int], batches: Iterable[Batch]
+) -> dict[int, torch.Tensor]:
+    """The large anchor's mean hidden state entering each layer `j` in `entries` at the first token.
+
+    The first token attends only to itself, so one-token forwards over the calibration sequences' first tokens
+    give exactly its state in full-length runs. Returns float32 vectors on the CPU.
+    """
+    captured: dict[int, torch.Tensor] = {}
+
+    def keep_input(j: int):
+        def hook(module, args, kwargs):
+            captured[j] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    handles = [large.model.layers[j].register_forward_pre_hook(keep_input(j), with_kwargs=True) for j in entries]
+    firsts = torch.cat([input_ids[:, :1] for input_ids, _ in batches])
+    try:
+        large.model(input_ids=firsts.to(large.get_input_embeddings().weight.device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {j: captured[j][:, 0].float().mean(dim=0).cpu() for j in entries}

@@ -224,7 +224,14 @@ def test_help_of_every_command(capsys):
     top = ok(cli("--help"))
     assert all(c in top for c in COMMANDS)
     expected = {
-        "build": ["--calibration", "--calibration-records", "--stitches", "--no-share-stitch-layers", "--dtype"],
+        "build": [
+            "--calibration",
+            "--calibration-records",
+            "--stitches",
+            "--no-share-stitch-layers",
+            "--no-map-first-token",
+            "--dtype",
+        ],
         "train": [
             "--train-file",
             "--eval-file",

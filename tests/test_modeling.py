@@ -47,6 +47,7 @@ def test_hybrid_stitch_runs_the_modules_it_names():
     rope = small.model.rotary_emb(h, pos)
     h = small.model.layers[0](h, attention_mask=mask, position_embeddings=rope, position_ids=pos)
     h = palette.stitch_layers["1"](h)
+    h[:, 0] = palette.first_token_states["1_2"].state  # the large anchor's own first-token state
     rope = large.model.rotary_emb(h, pos)
     for layer in large.model.layers[2:]:
         h = layer(h, attention_mask=mask, position_embeddings=rope, position_ids=pos)

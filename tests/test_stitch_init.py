@@ -42,6 +42,32 @@ def test_fit_beats_the_identity_start():
 
 
 @torch.no_grad()
+def test_first_token_state_is_the_large_anchors_mean_first_state():
+    """From full-length runs of the plain large anchor (the fit uses one-token runs)."""
+    small, large = make_pair("qwen2")
+    palette = StitchedLlamaForCausalLM.from_anchors(small, large, stitches=[(1, 2), (1, 1)], calibration=CALIB)
+    hidden = large(CALIB, output_hidden_states=True).hidden_states
+    for j in (1, 2):
+        expected = hidden[j][:, 0].mean(dim=0)
+        assert torch.allclose(palette.first_token_states[f"1_{j}"].state, expected, atol=1e-5)
+    assert not any(name.startswith("first_token_states") for name, _ in palette.named_parameters())
+
+
+@torch.no_grad()
+def test_map_first_token_off_feeds_the_stitching_layer_output():
+    small, large = make_pair("llama")
+    on = StitchedLlamaForCausalLM.from_anchors(small, large, stitches=[(1, 2)], calibration=CALIB)
+    off = StitchedLlamaForCausalLM.from_anchors(
+        small, large, stitches=[(1, 2)], calibration=CALIB, map_first_token=False
+    )
+    assert not off.config.map_first_token and len(off.first_token_states) == 0
+    assert torch.equal(on.stitch_layers["1"].weight, off.stitch_layers["1"].weight)  # same fit either way
+    x = CALIB[:2]
+    assert not torch.allclose(on(x, stitch=1).logits, off(x, stitch=1).logits, atol=1e-4)
+    assert torch.equal(on(x, stitch=0).logits, off(x, stitch=0).logits)  # anchors never use it
+
+
+@torch.no_grad()
 def test_one_shared_layer_fits_all_of_its_targets_jointly():
     small, large = make_pair("llama")
     shared = StitchedLlamaForCausalLM.from_anchors(small, large, stitches=[(1, 1), (1, 2)], calibration=CALIB)
