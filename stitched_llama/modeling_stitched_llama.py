@@ -319,6 +319,15 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past_key_values is not None:
+            # Each stitch fills the slots with its own layers' keys: another stitch cannot continue them.
+            owner = getattr(past_key_values, "_stitch", None)
+            if past_seen > 0 and owner is not None and owner != stitch:
+                raise ValueError(
+                    f"This cache holds {past_seen} tokens from stitch {owner}, so stitch {stitch} cannot continue "
+                    f"it: pass `stitch={owner}`, or start stitch {stitch} with a new cache (`past_key_values=None`)."
+                )
+            past_key_values._stitch = stitch
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
             position_ids = position_ids.unsqueeze(0)

@@ -66,6 +66,16 @@ def test_cached_generation_equals_uncached_for_every_stitch(pair_name):
 
 
 @torch.no_grad()
+def test_a_cache_cannot_be_continued_by_another_stitch():
+    palette, _ = build_palette("llama")
+    x = prompt(batch=1)
+    cache = palette(x, stitch=1).past_key_values
+    assert palette(x[:, -1:], past_key_values=cache, stitch=1).logits.shape[1] == 1  # the same stitch goes on
+    with pytest.raises(ValueError, match="holds 10 tokens from stitch 1, so stitch 0 cannot continue it"):
+        palette(x[:, -1:], past_key_values=cache, stitch=0)
+
+
+@torch.no_grad()
 def test_left_padded_batch_matches_unpadded_rows():
     palette, _ = build_palette("qwen2")
     long, short = prompt(1, 9, seed=1), prompt(1, 5, seed=2)
