@@ -50,15 +50,13 @@ class FirstTokenState(nn.Module):
         return torch.where(is_first.unsqueeze(-1), self.state.to(hidden_states.dtype), hidden_states)
 
 
-def _first_token_mask(attention_mask: torch.Tensor | None, past_seen: int, shape: torch.Size) -> torch.BoolTensor:
+def _first_token_mask(attention_mask: torch.Tensor | None, past_seen: int, hidden: torch.Tensor) -> torch.BoolTensor:
     """`[batch, seq]`: True where the token is its row's first real one (left padding and caches included)."""
-    batch, length = shape[0], shape[1]
-    device = attention_mask.device if attention_mask is not None else None
-    index = torch.arange(past_seen, past_seen + length, device=device)
+    index = torch.arange(past_seen, past_seen + hidden.shape[1], device=hidden.device)
     if attention_mask is not None and attention_mask.dim() == 2:
-        first = attention_mask.long().argmax(dim=-1)  # the first attended position of each row
+        first = attention_mask.to(hidden.device).long().argmax(dim=-1)  # the first attended position of each row
     else:
-        first = torch.zeros(batch, dtype=torch.long, device=device)
+        first = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
     return index.unsqueeze(0) == first.unsqueeze(1)
 
 
@@ -115,9 +113,9 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
         self.stitch_layers = nn.ModuleDict({key: nn.Linear(d_small, d_large) for key in sorted(keys)})
         self.first_token_states = nn.ModuleDict()
         if config.map_first_token:
-            hybrids = [k for k in range(len(config.stitches)) if config.stitch_layer_key(k) is not None]
-            for k in hybrids:
-                self.first_token_states[self._first_token_key(k)] = FirstTokenState(d_large)
+            for k in range(len(config.stitches)):
+                if config.stitch_layer_key(k) is not None:
+                    self.first_token_states[self._first_token_key(k)] = FirstTokenState(d_large)
         self.stitch_biases = nn.ModuleDict()
         # Shared with `stitch_view`s: the bias hooks read the stitch of whichever forward is running.
         self._bias_state = {"stitch": config.default_stitch}
@@ -354,10 +352,8 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
                 if anchor is self.large and len(segments) == 2:
                     hidden_states = self.stitch_layers[self.config.stitch_layer_key(stitch)](hidden_states)
                     if self.config.map_first_token:
-                        is_first = _first_token_mask(attention_mask, past_seen, hidden_states.shape)
-                        hidden_states = self.first_token_states[self._first_token_key(stitch)](
-                            hidden_states, is_first.to(hidden_states.device)
-                        )
+                        is_first = _first_token_mask(attention_mask, past_seen, hidden_states)
+                        hidden_states = self.first_token_states[self._first_token_key(stitch)](hidden_states, is_first)
                 position_embeddings = anchor.model.rotary_emb(hidden_states, position_ids=position_ids)
                 layer_types = [_layer_type(anchor.config, i) for i in layer_ids]
                 for i, layer_type in zip(layer_ids, layer_types):
@@ -451,10 +447,12 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
         model.eval()
 
         targets: dict[str, list[tuple[int, int]]] = {}
+        entries: dict[str, int] = {}  # first-token state -> the large-anchor layer it enters
         for k, (n, j) in enumerate(config.stitches):
             key = config.stitch_layer_key(k)
             if key is not None:
                 targets.setdefault(key, []).append((n, j))
+                entries[model._first_token_key(k)] = j
         if targets:
             batches = calibration_batches(
                 calibration,
@@ -467,8 +465,6 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
             errors = fit_stitch_layers(small, large, model.stitch_layers, targets, batches, ridge=ridge)
             model.stitch_fit_errors = errors
             if map_first_token:
-                hybrids = [k for k in range(len(config.stitches)) if config.stitch_layer_key(k) is not None]
-                entries = {model._first_token_key(k): config.stitches[k][1] for k in hybrids}
                 states = fit_first_token_states(large, sorted(set(entries.values())), batches)
                 for key, module in model.first_token_states.items():
                     module.state.copy_(states[entries[key]].to(module.state.dtype))
