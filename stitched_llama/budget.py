@@ -67,6 +67,8 @@ def profile_stitches(
     palette.eval()
     rows = {}
     try:
+        from .modeling_stitched_llama import CACHE_KEY  # the modeling file imports this one
+
         for k in logging.tqdm(stitches, desc="Profiling stitches", unit="stitch"):
             prefill, decode, memory = [], [], []
             for run in range(repeats + 1):
@@ -78,10 +80,10 @@ def profile_stitches(
                 out = palette(prompt, stitch=k, use_cache=True, logits_to_keep=1)
                 _sync(device)
                 t_prefill = time.perf_counter() - start
-                cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+                cache, token = out[CACHE_KEY], out.logits[:, -1:].argmax(-1)
                 start = time.perf_counter()
                 for _ in range(new_tokens):
-                    out = palette(token, past_key_values=cache, stitch=k, use_cache=True)
+                    out = palette(token, cache=cache, stitch=k, use_cache=True)
                     token = out.logits[:, -1:].argmax(-1)
                 _sync(device)
                 t_decode = (time.perf_counter() - start) / new_tokens

@@ -10,6 +10,7 @@ torch, transformers and sibling files, so a saved palette loads with `trust_remo
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +30,10 @@ from .model_card import write_model_card
 from .stitch_init import calibration_batches, fit_first_token_states, fit_stitch_layers
 
 logger = logging.get_logger(__name__)
+
+# transformers 5.24 renamed the cache argument of layers, masks and outputs from `past_key_values` to `cache`.
+# The palette accepts both names and hands the anchors' modules the one the installed version reads.
+CACHE_KEY = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
 def _layer_type(config, i: int) -> str:
@@ -66,7 +71,7 @@ class StitchedLlamaPreTrainedModel(PreTrainedModel):
     base_model_prefix = "palette"
     supports_gradient_checkpointing = True
     _no_split_modules = ["LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -125,6 +130,11 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
             # An exported hybrid runs the small embedding and the large norm and head only.
             self.small.lm_head, self.small.model.norm, self.large.model.embed_tokens = None, None, None
         self.post_init()
+        # The anchors share a tokenizer, so the palette starts, pads and stops generating as they do.
+        anchor_generation = (small if small is not None else large).generation_config
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(self.generation_config, key, None) is None:
+                setattr(self.generation_config, key, getattr(anchor_generation, key, None))
 
     # ----- choosing a stitch -----
 
@@ -291,18 +301,30 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         stitch: int | None = None,
+        past_key_values: Cache | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> CausalLMOutputWithPast | tuple:
         r"""
+        cache (`Cache`, *optional*):
+            The KV cache to continue (named `past_key_values` before transformers 5.24; either name works).
         stitch (`int`, *optional*):
             Index of the stitch to run for this call; defaults to the active stitch (`set_stitch`).
+        output_hidden_states (`bool`, *optional*):
+            Return `hidden_states`: the embeddings, then the input of every later layer the stitch runs, then the
+            final normed state, as a plain model does. A hybrid's entries are `small` wide up to its `n`-th entry
+            (the embeddings and the first `n - 1` small layers' outputs) and `large` wide after the stitching layer.
         """
+        if cache is not None and past_key_values is not None:
+            raise ValueError("Pass the KV cache once, as `cache` or as `past_key_values`, not both.")
+        cache = cache if cache is not None else past_key_values
         # Trainer passes the token count for loss normalisation; it is for the loss, not for the layers.
         loss_kwargs = {"num_items_in_batch": kwargs.pop("num_items_in_batch")} if "num_items_in_batch" in kwargs else {}
         if (input_ids is None) == (inputs_embeds is None):
@@ -314,18 +336,18 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if inputs_embeds is None:
             inputs_embeds = entry.model.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past_key_values is not None:
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_seen = cache.get_seq_length() if cache is not None else 0
+        if cache is not None:
             # Each stitch fills the slots with its own layers' keys: another stitch cannot continue them.
-            owner = getattr(past_key_values, "_stitch", None)
+            owner = getattr(cache, "_stitch", None)
             if past_seen > 0 and owner is not None and owner != stitch:
                 raise ValueError(
                     f"This cache holds {past_seen} tokens from stitch {owner}, so stitch {stitch} cannot continue "
-                    f"it: pass `stitch={owner}`, or start stitch {stitch} with a new cache (`past_key_values=None`)."
+                    f"it: pass `stitch={owner}`, or start stitch {stitch} with a new cache (`cache=None`)."
                 )
-            past_key_values._stitch = stitch
+            cache._stitch = stitch
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen
             position_ids = position_ids.unsqueeze(0)
@@ -337,7 +359,7 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
                 "config": anchor.config,
                 "inputs_embeds": inputs_embeds,
                 "attention_mask": attention_mask,
-                "past_key_values": past_key_values,
+                CACHE_KEY: cache,
                 "position_ids": position_ids,
             }
             anchor_masks = {"full_attention": create_causal_mask(**mask_kwargs)}
@@ -345,6 +367,10 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
                 anchor_masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
             masks.append(anchor_masks)
 
+        output_hidden_states = (
+            self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
+        all_hidden_states = [] if output_hidden_states else None  # each [batch, seq, width of its layer]
         hidden_states = inputs_embeds
         slot = 0  # the active stitch's layers fill cache slots 0, 1, ... in the order they run
         try:
@@ -357,6 +383,8 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
                 position_embeddings = anchor.model.rotary_emb(hidden_states, position_ids=position_ids)
                 layer_types = [_layer_type(anchor.config, i) for i in layer_ids]
                 for i, layer_type in zip(layer_ids, layer_types):
+                    if all_hidden_states is not None:
+                        all_hidden_states.append(hidden_states)
                     layer = anchor.model.layers[i]
                     layer.self_attn.layer_idx = slot
                     hidden_states = layer(
@@ -364,8 +392,8 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
                         attention_mask=anchor_masks[layer_type],
                         position_embeddings=position_embeddings,
                         position_ids=position_ids,
-                        past_key_values=past_key_values,
                         use_cache=use_cache,
+                        **{CACHE_KEY: cache},
                         **kwargs,
                     )
                     slot += 1
@@ -376,13 +404,21 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
                     anchor.model.layers[i].self_attn.layer_idx = i
 
         hidden_states = exit_.model.norm(hidden_states)
+        if all_hidden_states is not None:
+            all_hidden_states.append(hidden_states)
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = exit_.lm_head(hidden_states[:, slice_indices, :])
 
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        output = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
+            **{CACHE_KEY: cache},
+        )
+        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
     # ----- building and saving -----
 

@@ -200,8 +200,17 @@ class StitchTrainer(Trainer):
         return loss
 
     def _score_step(self) -> None:
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        # A NaN in a weight the step's stitch does not run leaves its loss finite: check every trainable tensor.
+        if not torch.stack([p.detach().isfinite().all() for _, p in trainable]).all():
+            bad = [n for n, p in trainable if not p.detach().isfinite().all()]
+            raise FloatingPointError(
+                f"Trainable tensor {bad[0]} holds NaN or inf at step {self.state.global_step} (stitch "
+                f"{self._step_stitch}; {len(bad)} tensors in all): training stopped before the optimizer step and no "
+                "checkpoint was written over the last good one. Lower the learning rate or set max_grad_norm."
+            )
         skip = "stitch_biases" if self.args.saliency_params == "shared" else None
-        params = [p for n, p in self.model.named_parameters() if p.requires_grad and (skip is None or skip not in n)]
+        params = [p for n, p in trainable if skip is None or skip not in n]
         self.sampler.update(self._step_stitch, params)
         self._stitch_losses[self._step_stitch].append(self._step_loss)
         self._step_loss = 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers reads it
@@ -84,6 +85,20 @@ def build_palette(name: str = "llama", seed: int = 0, **kwargs):
     calibration = torch.randint(3, VOCAB, (16, 32), generator=torch.Generator().manual_seed(seed))
     palette = StitchedLlamaForCausalLM.from_anchors(small, large, calibration=calibration, **kwargs)
     return palette.eval(), reference
+
+
+def record_stitches(palette) -> list:
+    """The `stitch` of every forward the palette runs. Wraps the bound `forward`, because peft 0.18 calls
+    `model.forward(...)` directly, past any module hook."""
+    seen, forward = [], palette.forward
+
+    @functools.wraps(forward)  # peft reads the signature to route its arguments
+    def recording_forward(*args, **kwargs):
+        seen.append(kwargs.get("stitch"))
+        return forward(*args, **kwargs)
+
+    palette.forward = recording_forward
+    return seen
 
 
 @pytest.fixture(scope="session")

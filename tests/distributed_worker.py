@@ -26,7 +26,7 @@ import safetensors.torch  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.serialization  # noqa: E402
-from conftest import VOCAB, build_palette  # noqa: E402
+from conftest import VOCAB, build_palette, record_stitches  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import TrainerCallback, default_data_collator  # noqa: E402
 
@@ -150,10 +150,7 @@ def main() -> None:
     writes = WriteLog(train_dir)
 
     palette, _ = build_palette("llama")
-    micro_batch_stitches: list = []
-    palette.register_forward_pre_hook(
-        lambda module, args, kwargs: micro_batch_stitches.append(kwargs.get("stitch")), with_kwargs=True
-    )
+    micro_batch_stitches = record_stitches(palette)
     args = StitchTrainingArguments(
         output_dir=train_dir,
         max_steps=MAX_STEPS,

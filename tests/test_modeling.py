@@ -3,9 +3,10 @@ import copy
 import pytest
 import torch
 from conftest import VOCAB, build_palette, make_pair
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from stitched_llama import StitchedLlamaForCausalLM
+from stitched_llama.modeling_stitched_llama import CACHE_KEY
 
 ATOL = 1e-5
 
@@ -69,10 +70,24 @@ def test_cached_generation_equals_uncached_for_every_stitch(pair_name):
 def test_a_cache_cannot_be_continued_by_another_stitch():
     palette, _ = build_palette("llama")
     x = prompt(batch=1)
-    cache = palette(x, stitch=1).past_key_values
-    assert palette(x[:, -1:], past_key_values=cache, stitch=1).logits.shape[1] == 1  # the same stitch goes on
+    cache = palette(x, stitch=1)[CACHE_KEY]
+    assert palette(x[:, -1:], cache=cache, stitch=1).logits.shape[1] == 1  # the same stitch goes on
     with pytest.raises(ValueError, match="holds 10 tokens from stitch 1, so stitch 0 cannot continue it"):
-        palette(x[:, -1:], past_key_values=cache, stitch=0)
+        palette(x[:, -1:], cache=cache, stitch=0)
+
+
+@torch.no_grad()
+def test_the_cache_is_accepted_under_both_names_but_not_twice(recwarn):
+    palette, _ = build_palette("llama")
+    x = prompt(batch=1)
+    full = palette(x, stitch=1, use_cache=False).logits[:, -1]
+    for name in ("cache", "past_key_values"):
+        cache = palette(x[:, :-1], stitch=1)[CACHE_KEY]
+        step = palette(x[:, -1:], stitch=1, **{name: cache}).logits[:, -1]
+        torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
+    assert not [w for w in recwarn if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    with pytest.raises(ValueError, match="not both"):
+        palette(x, cache=DynamicCache(), past_key_values=DynamicCache())
 
 
 @torch.no_grad()
@@ -181,3 +196,33 @@ def test_anchors_still_work_alone_after_a_hybrid_ran():
     alone = palette.large.generate(x, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(alone, large.generate(x, max_new_tokens=6, do_sample=False, pad_token_id=0))
     assert [layer.self_attn.layer_idx for layer in palette.large.model.layers] == list(range(4))
+
+
+@torch.no_grad()
+def test_hidden_states_match_the_plain_anchors_and_count_the_layers_run():
+    palette, (small, large) = build_palette("llama")
+    x = prompt()
+    for stitch, plain in ((0, small), (-1, large)):
+        ours = palette(x, stitch=stitch, output_hidden_states=True).hidden_states
+        theirs = plain(x, output_hidden_states=True).hidden_states
+        assert len(ours) == len(theirs)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for k in range(1, palette.num_stitches - 1):
+        n, j = palette.config.stitches[k]
+        states = palette(x, stitch=k, output_hidden_states=True).hidden_states
+        assert len(states) == palette.config.num_layers(k) + 1, k
+        widths = [h.shape[-1] for h in states]
+        assert widths == [small.config.hidden_size] * n + [large.config.hidden_size] * (len(states) - n), k
+    assert palette(x, stitch=1).hidden_states is None
+
+
+@torch.no_grad()
+def test_return_dict_false_returns_a_tuple():
+    palette, _ = build_palette("llama")
+    x = prompt()
+    out = palette(x, labels=x, stitch=1, return_dict=False)
+    assert isinstance(out, tuple)
+    reference = palette(x, labels=x, stitch=1)
+    torch.testing.assert_close(out[0], reference.loss)
+    torch.testing.assert_close(out[1], reference.logits)
