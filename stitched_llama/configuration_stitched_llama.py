@@ -8,6 +8,7 @@ This file imports nothing from the rest of the package so that it can travel to 
 from __future__ import annotations
 
 import functools
+import numbers
 from dataclasses import dataclass
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -120,7 +121,7 @@ class StitchedLlamaConfig(PreTrainedConfig):
             )
         stitches = default_stitches(small.num_hidden_layers, large.num_hidden_layers)
         if self.stitches is not None:
-            stitches = [tuple(int(x) for x in s) for s in self.stitches]
+            stitches = [_stitch_pair(s) for s in self.stitches]
         self.stitches = [list(s) for s in self._validated_stitches(stitches)]
         if self.default_stitch is None:
             self.default_stitch = len(self.stitches) - 1
@@ -215,6 +216,17 @@ class StitchedLlamaConfig(PreTrainedConfig):
                 raise ValueError(f"A slim (exported) palette holds exactly one stitch, got {len(stitches)}.")
             return list(stitches)
         return [self.small_stitch, *hybrids, self.large_stitch]
+
+
+def _stitch_pair(s: object) -> tuple[int, int]:
+    """One `(n, j)` pair of whole numbers, refused rather than truncated or guessed."""
+    is_pair = isinstance(s, (list, tuple)) and len(s) == 2
+    if not is_pair or any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in s):
+        raise ValueError(
+            f"Stitch {s!r} is not an `(n, j)` pair of integers: pass e.g. `stitches=[(2, 3), (1, 2)]`, with n the "
+            "small-anchor layers kept and j the first large-anchor layer run."
+        )
+    return int(s[0]), int(s[1])
 
 
 @functools.lru_cache(maxsize=64)

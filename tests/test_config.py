@@ -93,3 +93,9 @@ def test_bad_config_is_rejected_with_the_fix(kwargs, message):
     base = dict(small_config=tiny(), large_config=tiny(num_hidden_layers=2))
     with pytest.raises(ValueError, match=message):
         StitchedLlamaConfig(**{**base, **kwargs})
+
+
+@pytest.mark.parametrize("bad", [(1.5, 2), ("a", "b"), (1, 2, 3), [1], "1,2", (True, 2)])
+def test_malformed_stitches_are_refused_not_truncated(bad):
+    with pytest.raises(ValueError, match=r"is not an `\(n, j\)` pair of integers"):
+        StitchedLlamaConfig(small_config=tiny(), large_config=tiny(num_hidden_layers=4), stitches=[bad])
