@@ -511,6 +511,24 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
         model.tokenizer = tokenizer
         return model
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs) -> StitchedLlamaForCausalLM:
+        # A palette with a tensor missing would run with it freshly initialised: refuse to load it instead.
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = {key: sorted(info.get(key) or []) for key in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        problems = {key: names for key, names in problems.items() if names}
+        if problems:
+            listed = "; ".join(
+                f"{key.replace('_', ' ')}: {', '.join(map(str, names[:8]))}" for key, names in problems.items()
+            )
+            raise OSError(
+                f"The palette at {args[0] if args else kwargs.get('pretrained_model_name_or_path')} does not match "
+                f"its config ({listed}). Its weights are damaged or from another palette: save it again, or "
+                "rebuild it with `from_anchors`."
+            )
+        return (model, info) if wants_info else model
+
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         # The tokenizer goes first so that `push_to_hub`, which uploads the folder after this, sends it too.
         if kwargs.get("is_main_process", True):

@@ -200,3 +200,16 @@ def test_model_card_lists_stitches_and_is_pushed(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.HfApi, "create_commit", create_commit)
     palette.push_to_hub("team/palette")
     assert "Stitched palette" in sent["card"] and 'from_pretrained("team/palette"' in sent["card"]
+
+
+def test_a_palette_with_a_missing_tensor_refuses_to_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    palette, _ = build_palette("llama")
+    palette.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    name = next(key for key in weights if key.startswith("stitch_layers."))
+    del weights[name]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(OSError, match=rf"missing keys: .*{name}"):
+        StitchedLlamaForCausalLM.from_pretrained(tmp_path)
