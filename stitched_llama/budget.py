@@ -12,6 +12,7 @@ import time
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicCache
 from transformers.utils import logging
 
 _UNITS = {
@@ -67,8 +68,6 @@ def profile_stitches(
     palette.eval()
     rows = {}
     try:
-        from .modeling_stitched_llama import CACHE_KEY  # the modeling file imports this one
-
         for k in logging.tqdm(stitches, desc="Profiling stitches", unit="stitch"):
             prefill, decode, memory = [], [], []
             for run in range(repeats + 1):
@@ -77,10 +76,11 @@ def profile_stitches(
                     torch.cuda.reset_peak_memory_stats(device)
                     base = torch.cuda.memory_allocated(device)
                 start = time.perf_counter()
-                out = palette(prompt, stitch=k, use_cache=True, logits_to_keep=1)
+                cache = DynamicCache(config=config)  # filled in place, whatever the output calls it
+                out = palette(prompt, cache=cache, stitch=k, use_cache=True, logits_to_keep=1)
                 _sync(device)
                 t_prefill = time.perf_counter() - start
-                cache, token = out[CACHE_KEY], out.logits[:, -1:].argmax(-1)
+                token = out.logits[:, -1:].argmax(-1)
                 start = time.perf_counter()
                 for _ in range(new_tokens):
                     out = palette(token, cache=cache, stitch=k, use_cache=True)

@@ -87,6 +87,11 @@ def build_palette(name: str = "llama", seed: int = 0, **kwargs):
     return palette.eval(), reference
 
 
+def prompt(batch: int = 2, length: int = 9, seed: int = 0) -> torch.Tensor:
+    """Seeded token ids, clear of the pad/bos/eos ids."""
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
 def record_stitches(palette) -> list:
     """The `stitch` of every forward the palette runs. Wraps the bound `forward`, because peft 0.18 calls
     `model.forward(...)` directly, past any module hook."""

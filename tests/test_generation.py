@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import VOCAB, build_palette
+from conftest import build_palette, prompt
 
 GENERATE_OPTIONS = {
     "greedy": dict(do_sample=False),
@@ -11,10 +11,6 @@ GENERATE_OPTIONS = {
     "sampled returns": dict(do_sample=True, num_return_sequences=3),
     "prompt lookup": dict(do_sample=False, prompt_lookup_num_tokens=3),
 }
-
-
-def prompt(batch: int = 2, length: int = 9, seed: int = 0) -> torch.Tensor:
-    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def generate(model, x: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -2,17 +2,13 @@ import copy
 
 import pytest
 import torch
-from conftest import VOCAB, build_palette, make_pair
+from conftest import VOCAB, build_palette, make_pair, prompt
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from stitched_llama import StitchedLlamaForCausalLM
 from stitched_llama.modeling_stitched_llama import CACHE_KEY
 
 ATOL = 1e-5
-
-
-def prompt(batch=2, length=9, seed=0):
-    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()
