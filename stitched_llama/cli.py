@@ -229,11 +229,7 @@ def _stitch_index(palette: Any, value: str | int) -> int:
 
 
 def _stitch_label(palette: Any, k: int) -> str:
-    n, j = palette.config.stitches[k]
-    kind = {palette.config.small_stitch: "small anchor", palette.config.large_stitch: "large anchor"}.get(
-        (n, j), "hybrid"
-    )
-    return f"stitch {k} ({n}, {j}), {kind}"
+    return f"stitch {k} {palette.config.stitch_name(k)}, {palette.config.stitch_kind(k)}"
 
 
 def _stitch_table(palette: Any, active: int | None = None) -> str:
@@ -250,7 +246,7 @@ def _stitch_table(palette: Any, active: int | None = None) -> str:
         ppl = metrics.get(str(k), {}).get("eval_perplexity")
         lines.append(
             (f"| {'>' if k == active else ' '} " if marks else "")
-            + f"| {k} | ({r['n']}, {r['j']}) | {r['kind']} | {r['layers']} | "
+            + f"| {k} | {r['name']} | {r['kind']} | {r['layers']} | "
             f"{_human(r['params'])} | {_human(r['flops_per_token'])} | "
             f"{'' if ppl is None else f'{ppl:.4g}'} | {'yes' if k in deployed else ''} |"
         )
@@ -529,7 +525,8 @@ save the merged palette (with its tokenizer) to <output_dir>/palette. The report
   stitched-llama train palette --train-file train.jsonl --eval-file val.jsonl --output_dir run \\
       --max_steps 2000 --per_device_train_batch_size 8 --learning_rate 2e-4
 
-Data: .json/.jsonl/.parquet instruction records (Alpaca `instruction`/`input`/`output`, or chat `messages`).
+Data: .json/.jsonl/.parquet instruction records (Alpaca `instruction`/`input`/`output`, or chat `messages`), or
+plain text with --text FILE... (every token scored). Distil from the frozen large anchor with --distill_alpha 0.5.
 Every TrainingArguments flag works (--max_steps, --learning_rate, --save_steps, --resume_from_checkpoint last,
 --use_cpu, --bf16, ...), plus the stitch flags: --method esta|lora-no-bias|snnet-full, --sampling
 importance|uniform, --num_deployed_stitches, --importance_temperature, --lora_r, --lora_target_modules, ..."""
@@ -540,7 +537,15 @@ class TrainDataArguments:
     """The `train` command's own options (the rest are `StitchTrainingArguments`)."""
 
     train_file: str = dataclasses.field(
-        default=None, metadata={"help": "Training records: .json/.jsonl/.parquet (Alpaca or chat). Required."}
+        default=None,
+        metadata={"help": "Training records: .json/.jsonl/.parquet (Alpaca or chat). This or --text is required."},
+    )
+    text: list[str] | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "Plain-text files (.txt, or records with a `text` field) to train on instead, every token "
+            "scored: generic text to heal stitches with. Cut into --max-length blocks; 10%% are held out."
+        },
     )
     eval_file: str | None = dataclasses.field(
         default=None,
@@ -569,17 +574,67 @@ def _train_parser() -> Any:
     return parser
 
 
+def _held_out(dataset: Any, seed: int, what: str) -> tuple[Any, Any]:
+    """(train, eval): 10% (at most 500) held out, or the training data itself when it is too small to split."""
+    if len(dataset) < 10:
+        print(f"no --eval-file and only {len(dataset)} {what}: evaluating on the training {what}")
+        return dataset, dataset
+    held_out = min(500, max(1, len(dataset) // 10))
+    split = dataset.train_test_split(test_size=held_out, seed=seed)
+    print(f"no --eval-file: holding out {held_out} of the training {what} for evaluation")
+    return split["train"], split["test"]
+
+
+def _record_splits(data_args: Any, tokenizer: Any, max_length: int, limit: int, seed: int) -> tuple[Any, Any]:
+    from .data import tokenize_instructions
+
+    kind, records = _read_data(data_args.train_file, "--train-file")
+    if kind != "records":
+        raise CliError(
+            f"--train-file {data_args.train_file!r} holds plain text: pass it as --text, or pass instruction "
+            "records (.jsonl with `instruction`/`output` or `messages`)"
+        )
+    if data_args.eval_file:
+        kind, eval_records = _read_data(data_args.eval_file, "--eval-file")
+        if kind != "records":
+            raise CliError(f"--eval-file {data_args.eval_file!r} holds plain text; pass instruction records")
+    else:
+        records, eval_records = _held_out(records, seed, "records")
+    return tuple(
+        tokenize_instructions(data, tokenizer, max_length=max_length, model_max_length=limit)
+        for data in (records, eval_records)
+    )
+
+
+def _text_splits(data_args: Any, tokenizer: Any, max_length: int, seed: int) -> tuple[Any, Any]:
+    from .data import tokenize_texts
+
+    def blocks(paths: list[str], option: str) -> Any:
+        texts = []
+        for path in paths:
+            kind, data = _read_data(path, option)
+            if kind != "texts":
+                raise CliError(f"{option} {path!r} holds instruction records: pass it as --train-file")
+            texts += data
+        return tokenize_texts(texts, tokenizer, block_size=max_length)
+
+    train_data = blocks(data_args.text, "--text")
+    if data_args.eval_file:
+        return train_data, blocks([data_args.eval_file], "--eval-file")
+    return _held_out(train_data, seed, "text blocks")
+
+
 def train(args: argparse.Namespace) -> int:
     """Fine-tune all stitches with ESTA, evaluate, deploy, merge and save (see `stitched-llama train --help`)."""
     parser = _train_parser()
     raw = parser.parse_args(args.train_argv)  # argparse errors (missing PALETTE_DIR, bad choices) exit 2 here
-    if raw.train_file is None:
-        parser.error("--train-file FILE is required (instruction records: .json/.jsonl/.parquet)")
+    if (raw.train_file is None) == (raw.text is None):
+        parser.error("pass one of --train-file FILE (instruction records) or --text FILE... (plain text)")
     if raw.output_dir is None:
         parser.error("--output_dir DIR is required (checkpoints, the report and the merged palette go there)")
     data_args, training_args, _ = parser.parse_args_into_dataclasses(args=args.train_argv)
 
-    from .data import collate_fn, tokenize_instructions
+    from .data import collate_fn
     from .esta import merge_esta, trainable_parameters
     from .trainer import REPORT, StitchTrainer
 
@@ -587,30 +642,12 @@ def train(args: argparse.Namespace) -> int:
         raise CliError(f"--max-length {data_args.max_length} must be at least 2 tokens")
     palette = _load_palette(raw.palette_dir, tokenizer=data_args.tokenizer, need_tokenizer=True)
     tokenizer = palette.tokenizer
-    kind, records = _read_data(data_args.train_file, "--train-file")
-    if kind != "records":
-        raise CliError(
-            f"--train-file {data_args.train_file!r} holds plain text; training needs instruction records "
-            "(.jsonl with `instruction`/`output` or `messages`)"
-        )
-    if data_args.eval_file:
-        kind, eval_records = _read_data(data_args.eval_file, "--eval-file")
-        if kind != "records":
-            raise CliError(f"--eval-file {data_args.eval_file!r} holds plain text; pass instruction records")
-    elif len(records) >= 10:
-        held_out = min(500, max(1, len(records) // 10))
-        split = records.train_test_split(test_size=held_out, seed=training_args.seed)
-        records, eval_records = split["train"], split["test"]
-        print(f"no --eval-file: holding out {held_out} of the training records for evaluation")
-    else:
-        eval_records = records
-        print(f"no --eval-file and only {len(records)} records: evaluating on the training records")
-
     limit = _context_limit(palette)
     max_length = min(data_args.max_length, limit)
-    train_data = tokenize_instructions(records, tokenizer, max_length=max_length, model_max_length=limit)
-    eval_data = tokenize_instructions(eval_records, tokenizer, max_length=max_length, model_max_length=limit)
-
+    if data_args.text is not None:
+        train_data, eval_data = _text_splits(data_args, tokenizer, max_length, training_args.seed)
+    else:
+        train_data, eval_data = _record_splits(data_args, tokenizer, max_length, limit, training_args.seed)
     trainer = StitchTrainer(
         model=palette,
         args=training_args,

@@ -2,6 +2,8 @@
 
 A stitch is a pair `(n, j)`: the first `n` layers of the small anchor, a linear stitching layer, then layers
 `j .. L_L-1` of the large anchor. `(L_S, L_L)` is the small anchor alone and `(0, 0)` the large anchor alone.
+A stitch `(n, j, a, b)` also skips the large anchor's layers `a .. b-1` (`j <= a < b`): `(0, 0, a, b)` is the large
+anchor with a block dropped, the layer-dropping baseline as a member of the palette (docs/concepts.md).
 This file imports nothing from the rest of the package so that it can travel to the Hub as remote code.
 """
 
@@ -62,8 +64,8 @@ class StitchedLlamaConfig(PreTrainedConfig):
             Config of the small anchor (`llama`, `mistral` or `qwen2`).
         large_config (`dict` or `PreTrainedConfig`):
             Config of the large anchor. Must share the small anchor's vocabulary.
-        stitches (`list[tuple[int, int]]`, *optional*):
-            The `(n, j)` pairs of the palette. Defaults to SN-Net's rule (one hybrid per large-anchor cut `j`,
+        stitches (`list[tuple[int, ...]]`, *optional*):
+            The `(n, j)` pairs of the palette, or `(n, j, a, b)` to also skip the large anchor's layers `a .. b-1`. Defaults to SN-Net's rule (one hybrid per large-anchor cut `j`,
             with the small-anchor cut at the same relative depth). Both anchors are always part of the palette
             (added when missing). Stored sorted by cost: index 0 is the small anchor alone, the last index the
             large anchor alone, the hybrids in between by forward FLOPs.
@@ -121,7 +123,7 @@ class StitchedLlamaConfig(PreTrainedConfig):
             )
         stitches = default_stitches(small.num_hidden_layers, large.num_hidden_layers)
         if self.stitches is not None:
-            stitches = [_stitch_pair(s) for s in self.stitches]
+            stitches = [_stitch_spec(s) for s in self.stitches]
         self.stitches = [list(s) for s in self._validated_stitches(stitches)]
         if self.default_stitch is None:
             self.default_stitch = len(self.stitches) - 1
@@ -151,8 +153,8 @@ class StitchedLlamaConfig(PreTrainedConfig):
     def num_hidden_layers(self) -> int:
         """Decoder layers of the deepest stitch: the KV cache holds one slot per layer of the active stitch."""
         # Read dozens of times per cache built: cached on the values it depends on.
-        pairs = tuple(tuple(s) for s in self.stitches)
-        return _deepest(pairs, self.small_config.num_hidden_layers, self.large_config.num_hidden_layers)
+        specs = tuple(tuple(s) for s in self.stitches)
+        return _deepest(specs, self.small_config.num_hidden_layers, self.large_config.num_hidden_layers)
 
     @property
     def small_stitch(self) -> tuple[int, int]:
@@ -162,11 +164,30 @@ class StitchedLlamaConfig(PreTrainedConfig):
     def large_stitch(self) -> tuple[int, int]:
         return (0, 0)
 
-    def num_layers(self, k: int) -> int:
-        n, j = self.stitches[k]
+    def stitch_parts(self, k: int) -> tuple[int, int, range]:
+        """`(n, j, skipped)` of stitch `k`: small layers kept, first large layer run, large layers skipped."""
+        n, j, *skip = self.stitches[k]
+        return n, j, range(*skip) if skip else range(0)
+
+    def stitch_kind(self, k: int) -> str:
+        """`small anchor`, `large anchor`, `hybrid`, `layer skip` (the large anchor, a block dropped) or
+        `hybrid + skip`."""
+        n, j, skipped = self.stitch_parts(k)
         if (n, j) == self.small_stitch:
-            return n
-        return n + self.large_config.num_hidden_layers - j
+            return "small anchor"
+        if (n, j) == self.large_stitch:
+            return "layer skip" if skipped else "large anchor"
+        return "hybrid + skip" if skipped else "hybrid"
+
+    def stitch_name(self, k: int) -> str:
+        """`(n, j)`, or `(n, j) skip a-b` for a stitch that skips the large anchor's layers a .. b-1."""
+        n, j, skipped = self.stitch_parts(k)
+        return f"({n}, {j})" + (f" skip {skipped.start}-{skipped.stop - 1}" if skipped else "")
+
+    def num_layers(self, k: int) -> int:
+        return _num_layers(
+            tuple(self.stitches[k]), self.small_config.num_hidden_layers, self.large_config.num_hidden_layers
+        )
 
     def resolve_stitch(self, k: int) -> int:
         """Normalise a stitch index (negative indices count from the end) or raise a clear error."""
@@ -179,37 +200,46 @@ class StitchedLlamaConfig(PreTrainedConfig):
         return k % count
 
     def stitch_layer_key(self, k: int) -> str | None:
-        """Name of the stitching layer stitch `k` uses, or None for an anchor stitch."""
-        n, j = self.stitches[k]
+        """Name of the stitching layer stitch `k` uses, or None for a stitch that runs one anchor only."""
+        n, j, skipped = self.stitch_parts(k)
         if (n, j) in (self.small_stitch, self.large_stitch):
             return None
-        return str(n) if self.share_stitch_layers else f"{n}_{j}"
+        if self.share_stitch_layers:
+            return str(n)
+        return f"{n}_{j}" + (f"_{skipped.start}_{skipped.stop}" if skipped else "")
 
     def stitch_cost(self, k: int) -> StitchCost:
-        n, j = self.stitches[k]
-        return _cost(self.small_config, self.large_config, n, j)
+        return _cost(self.small_config, self.large_config, tuple(self.stitches[k]))
 
-    def _validated_stitches(self, stitches: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    def _validated_stitches(self, stitches: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
         if not stitches:
             raise ValueError("`stitches` is empty: pass at least one `(n, j)` pair, or None for the default palette.")
         n_small, n_large = self.small_config.num_hidden_layers, self.large_config.num_hidden_layers
         seen = set()
         for s in stitches:
-            n, j = s
-            is_anchor = s in (self.small_stitch, self.large_stitch)
+            n, j, *skip = s
+            is_anchor = (n, j) in (self.small_stitch, self.large_stitch)
             if not is_anchor and not (1 <= n <= n_small and 0 <= j < n_large):
                 raise ValueError(
                     f"Stitch {s} is out of range: a hybrid stitch needs 1 <= n <= {n_small} (small layers kept) "
                     f"and 0 <= j <= {n_large - 1} (first large layer run); the anchors are "
                     f"{self.small_stitch} (small) and {self.large_stitch} (large)."
                 )
+            if skip:
+                a, b = skip
+                if (n, j) == self.small_stitch or not (j <= a < b <= n_large) or b - a >= n_large - j:
+                    raise ValueError(
+                        f"Stitch {s} skips large-anchor layers {a}..{b - 1}, which it cannot: a skipped block "
+                        f"needs j <= a < b <= {n_large}, must leave at least one of the large layers j.. it runs, "
+                        "and the small anchor stitch skips nothing."
+                    )
             if s in seen:
-                raise ValueError(f"Stitch {s} appears twice in `stitches`: list each `(n, j)` pair once.")
+                raise ValueError(f"Stitch {s} appears twice in `stitches`: list each stitch once.")
             seen.add(s)
         # Anchors pinned to the ends, hybrids sorted by cost in between.
         hybrids = sorted(
             (s for s in stitches if s not in (self.small_stitch, self.large_stitch)),
-            key=lambda s: (_cost(self.small_config, self.large_config, *s).flops_per_token, s),
+            key=lambda s: (_cost(self.small_config, self.large_config, s).flops_per_token, s),
         )
         if self.slim:
             if len(stitches) != 1:
@@ -218,20 +248,28 @@ class StitchedLlamaConfig(PreTrainedConfig):
         return [self.small_stitch, *hybrids, self.large_stitch]
 
 
-def _stitch_pair(s: object) -> tuple[int, int]:
-    """One `(n, j)` pair of whole numbers, refused rather than truncated or guessed."""
-    is_pair = isinstance(s, (list, tuple)) and len(s) == 2
-    if not is_pair or any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in s):
+def _stitch_spec(s: object) -> tuple[int, ...]:
+    """One `(n, j)` or `(n, j, a, b)` of whole numbers, refused rather than truncated or guessed."""
+    is_spec = isinstance(s, (list, tuple)) and len(s) in (2, 4)
+    if not is_spec or any(isinstance(x, bool) or not isinstance(x, numbers.Integral) for x in s):
         raise ValueError(
             f"Stitch {s!r} is not an `(n, j)` pair of integers: pass e.g. `stitches=[(2, 3), (1, 2)]`, with n the "
-            "small-anchor layers kept and j the first large-anchor layer run."
+            "small-anchor layers kept and j the first large-anchor layer run (or `(n, j, a, b)` to also skip the "
+            "large anchor's layers a..b-1)."
         )
-    return int(s[0]), int(s[1])
+    return tuple(int(x) for x in s)
+
+
+def _num_layers(s: tuple[int, ...], n_small: int, n_large: int) -> int:
+    n, j, *skip = s
+    if (n, j) == (n_small, n_large):
+        return n
+    return n + n_large - j - (skip[1] - skip[0] if skip else 0)
 
 
 @functools.lru_cache(maxsize=64)
-def _deepest(stitches: tuple[tuple[int, int], ...], n_small: int, n_large: int) -> int:
-    return max(n if (n, j) == (n_small, n_large) else n + n_large - j for n, j in stitches)
+def _deepest(stitches: tuple[tuple[int, ...], ...], n_small: int, n_large: int) -> int:
+    return max(_num_layers(s, n_small, n_large) for s in stitches)
 
 
 def default_stitches(n_small: int, n_large: int) -> list[tuple[int, int]]:
@@ -240,18 +278,20 @@ def default_stitches(n_small: int, n_large: int) -> list[tuple[int, int]]:
     return [(n_small, n_large), *sorted(hybrids, key=lambda s: (-s[1], s[0])), (0, 0)]
 
 
-def _cost(small: PreTrainedConfig, large: PreTrainedConfig, n: int, j: int) -> StitchCost:
+def _cost(small: PreTrainedConfig, large: PreTrainedConfig, spec: tuple[int, ...]) -> StitchCost:
+    n, j, *skip = spec
+    dropped = skip[1] - skip[0] if skip else 0
     s, lg = _anchor_costs(small), _anchor_costs(large)
     if (n, j) == (small.num_hidden_layers, large.num_hidden_layers):
         head_params = 0 if small.tie_word_embeddings else s["head"]
         params = s["embed"] + n * s["layer"] + s["norm"] + head_params
         return StitchCost(params, 2 * (n * s["layer_macs"] + s["head"]))
     if (n, j) == (0, 0):
-        k = large.num_hidden_layers
+        k = large.num_hidden_layers - dropped
         head_params = 0 if large.tie_word_embeddings else lg["head"]
         params = lg["embed"] + k * lg["layer"] + lg["norm"] + head_params
         return StitchCost(params, 2 * (k * lg["layer_macs"] + lg["head"]))
-    k = large.num_hidden_layers - j
+    k = large.num_hidden_layers - j - dropped
     stitch_macs = small.hidden_size * large.hidden_size
     params = s["embed"] + n * s["layer"] + stitch_macs + large.hidden_size + k * lg["layer"] + lg["norm"] + lg["head"]
     flops = 2 * (n * s["layer_macs"] + stitch_macs + k * lg["layer_macs"] + lg["head"])

@@ -414,6 +414,28 @@ def tokenize_instructions(
     return tokenized.remove_columns(["_length", "_kept"])
 
 
+def tokenize_texts(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, block_size: int = 512) -> Dataset:
+    """Plain text as causal-LM examples, every token scored: the texts joined by EOS, cut into `block_size` rows.
+
+    For healing stitches on generic text, with no instruction format. The last block is kept when shorter.
+    """
+    if isinstance(texts, str):
+        raise TypeError("`texts` must be a list of strings, not one string: wrap it as [text]")
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise ValueError("the plain-text data holds no text: pass at least one non-empty string")
+    if block_size < 2:
+        raise ValueError(f"block_size={block_size} must be at least 2 tokens (one to read, one to predict)")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token to separate the texts: set `tokenizer.eos_token`")
+    stream: list[int] = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        stream += [*ids, tokenizer.eos_token_id]
+    blocks = [stream[i : i + block_size] for i in range(0, len(stream), block_size)]
+    blocks = [b for b in blocks if len(b) >= 2]
+    return Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * len(b) for b in blocks], "labels": blocks})
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Batching
 # ----------------------------------------------------------------------------------------------------------------
@@ -523,6 +545,7 @@ __all__ = [
     "ALPACA_PROMPT",
     "ALPACA_PROMPT_NO_INPUT",
     "IGNORE_INDEX",
+    "tokenize_texts",
     "builtin_instructions",
     "collate_fn",
     "detect_format",

@@ -49,6 +49,7 @@ _CSV_FIELDS = (
     "stitch",
     "n",
     "j",
+    "skip",
     "kind",
     "layers",
     "params",
@@ -349,7 +350,7 @@ def format_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     for r in rows:
         pareto = r.get("pareto", r["stitch"] in front)
         lines.append(
-            f"| {r['stitch']} | ({r['n']}, {r['j']}) | {r['kind']} | {r['layers']} | {_human(r['params'])} | "
+            f"| {r['stitch']} | {r['name']} | {r['kind']} | {r['layers']} | {_human(r['params'])} | "
             f"{_human(r['flops_per_token'])} | {r['loss']:.4f} | {r['perplexity']:.4g} | {r['tokens']} | "
             f"{'yes' if r.get('deployed') else ''} | {'yes' if pareto else ''} |"
         )

@@ -67,9 +67,11 @@ def export_stitch(palette: nn.Module, stitch: int, save_directory: str | os.Path
     stitch = palette.config.resolve_stitch(stitch)
     state = _plain_state(palette)
     biases = _stitch_biases(palette, stitch)
-    n, j = palette.config.stitches[stitch]
+    n, j, _ = palette.config.stitch_parts(stitch)
     anchor = {palette.config.small_stitch: "small", palette.config.large_stitch: "large"}.get((n, j))
-    model = _plain_anchor(palette, anchor, state, biases) if anchor is not None else None
+    # The large anchor with a block skipped exports as a plain model of the layers it keeps.
+    layers = {old: new for new, old in enumerate(palette._segments(stitch)[1][-1][1])}
+    model = _plain_anchor(palette, anchor, state, biases, layers) if anchor is not None else None
     if model is None:
         model = _slim_palette(palette, stitch, state)
     tokenizer = getattr(palette, "tokenizer", None)
@@ -80,11 +82,15 @@ def export_stitch(palette: nn.Module, stitch: int, save_directory: str | os.Path
     return type(model).__name__
 
 
-def _plain_anchor(palette: nn.Module, anchor: str, state: dict, biases: dict) -> nn.Module | None:
+def _plain_anchor(
+    palette: nn.Module, anchor: str, state: dict, biases: dict, layers: dict[int, int]
+) -> nn.Module | None:
+    """`layers` maps each kept layer index of the anchor to its index in the export."""
     source = getattr(palette, anchor)
     config = copy.deepcopy(source.config)
+    _keep_layers(config, sorted(layers))
     slots, flags = _bias_slots(config)
-    names = {name.removeprefix(f"{anchor}."): bias for name, bias in biases.items()}
+    names = {_renumber(name.removeprefix(f"{anchor}."), "", layers): bias for name, bias in biases.items()}
     if any(name.rsplit(".", 1)[-1] not in slots for name in names):
         return None  # some bias has no slot in the plain architecture: export as a slim palette instead
     for key, value in flags.items():
@@ -93,7 +99,10 @@ def _plain_anchor(palette: nn.Module, anchor: str, state: dict, biases: dict) ->
             setattr(config, key, value)
     config.architectures = None
     model = AutoModelForCausalLM.from_config(config, dtype=source.get_input_embeddings().weight.dtype)
-    own = {k.removeprefix(f"{anchor}."): v for k, v in state.items() if k.startswith(f"{anchor}.")}
+    own = {
+        _renumber(k.removeprefix(f"{anchor}."), "", layers): v for k, v in state.items() if k.startswith(f"{anchor}.")
+    }
+    own.pop(None, None)  # the weights of skipped layers
     target = model.state_dict()
     for name in target:
         if name.endswith(".bias") and name not in own:
@@ -108,13 +117,17 @@ def _plain_anchor(palette: nn.Module, anchor: str, state: dict, biases: dict) ->
 
 def _slim_palette(palette: nn.Module, stitch: int, state: dict) -> nn.Module:
     config = palette.config
-    n, j = config.stitches[stitch]
+    n, j, _ = config.stitch_parts(stitch)
     small_config = copy.deepcopy(config.small_config)
     large_config = copy.deepcopy(config.large_config)
     is_anchor = (n, j) in (config.small_stitch, config.large_stitch)
+    # The large layers the stitch runs, renumbered from 0 in the slim palette.
+    runs = [layers for anchor, layers in palette._segments(stitch)[1] if anchor is palette.large]
+    large_layers = {old: new for new, old in enumerate(runs[0])} if runs else {}
+    if large_layers:
+        _keep_layers(large_config, sorted(large_layers))
     if not is_anchor:
-        _truncate(small_config, 0, n)
-        _truncate(large_config, j, config.large_config.num_hidden_layers)
+        _keep_layers(small_config, range(n))
         # The slim hybrid has no small head and no large embedding: nothing is tied any more.
         small_config.tie_word_embeddings = large_config.tie_word_embeddings = False
     slim_stitch = [n, j] if is_anchor else [n, 0]
@@ -135,13 +148,16 @@ def _slim_palette(palette: nn.Module, stitch: int, state: dict) -> nn.Module:
     for name, tensor in state.items():
         if not name.startswith(prefixes):
             continue
+        if large_layers:
+            name = _renumber(name, "large.", large_layers)
+            if name is None:
+                continue  # a skipped layer
+            name = _renumber(name, "large-", large_layers, sep="-")
         if not is_anchor:
-            name = _renumber(name, "large", j)
             if old_key is not None:
                 name = name.replace(f"stitch_layers.{old_key}.", f"stitch_layers.{new_key}.")
             name = name.replace(f"first_token_states.{n}_{j}.", f"first_token_states.{n}_0.")
             if name.startswith("stitch_biases."):
-                name = _renumber(name, "large", j, sep="-")
                 if old_key is not None:
                     name = name.replace(f".stitch_layers-{old_key}", f".stitch_layers-{new_key}")
         name = re.sub(rf"^stitch_biases\.{stitch}\.", "stitch_biases.0.", name)
@@ -167,15 +183,20 @@ def _tied(model: nn.Module, name: str) -> bool:
     return name in getattr(model, "all_tied_weights_keys", {})
 
 
-def _truncate(config, start: int, stop: int) -> None:
-    config.num_hidden_layers = stop - start
+def _keep_layers(config, layers: list[int] | range) -> None:
+    config.num_hidden_layers = len(layers)
     if getattr(config, "layer_types", None) is not None:
-        config.layer_types = list(config.layer_types[start:stop])
+        config.layer_types = [config.layer_types[i] for i in layers]
 
 
-def _renumber(name: str, anchor: str, offset: int, sep: str = ".") -> str:
-    """Shift `anchor`'s layer index in a weight name down by `offset` (layers j.. become 0..)."""
-    pattern = rf"^({re.escape(anchor + sep + 'model' + sep + 'layers' + sep)})(\d+)"
+def _renumber(name: str, prefix: str, layers: dict[int, int], sep: str = ".") -> str | None:
+    """Renumber the layer index in a weight name under `prefix` ("large." or "" for a plain anchor) by `layers`
+    (old index -> new); None for a layer not kept. Other names pass unchanged."""
+    pattern = rf"^({re.escape(prefix + 'model' + sep + 'layers' + sep)})(\d+)(?=\.|-|$)"
     if sep == "-":
-        pattern = rf"^(stitch_biases\.\d+\.{anchor}-model-layers-)(\d+)"
-    return re.sub(pattern, lambda m: f"{m.group(1)}{int(m.group(2)) - offset}", name)
+        pattern = rf"^(stitch_biases\.\d+\.{re.escape(prefix)}model-layers-)(\d+)(?=\.|-|$)"
+    match = re.match(pattern, name)
+    if match is None:
+        return name
+    new = layers.get(int(match.group(2)))
+    return None if new is None else f"{match.group(1)}{new}{name[match.end() :]}"

@@ -64,7 +64,7 @@ def model_card(palette, plot_file: str | None = None, repo_id: str | None = None
     for r in rows:
         ppl = f" {r['perplexity']:.2f} |" if "perplexity" in r else (" |" if has_ppl else "")
         lines.append(
-            f"| {r['stitch']} | ({r['n']}, {r['j']}) | {r['kind']} | {r['layers']} | {r['params'] / 1e6:.1f}M | "
+            f"| {r['stitch']} | {r['name']} | {r['kind']} | {r['layers']} | {r['params'] / 1e6:.1f}M | "
             f"{r['flops_per_token'] / 1e9:.3f} |{ppl} {'yes' if r['deployed'] else ''} |"
         )
     if plot_file:

@@ -9,13 +9,18 @@ torch, transformers and sibling files, so a saved palette loads with `trust_remo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import os
-from collections.abc import Sequence
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
@@ -123,7 +128,7 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
                     self.first_token_states[self._first_token_key(k)] = FirstTokenState(d_large)
         self.stitch_biases = nn.ModuleDict()
         # Shared with `stitch_view`s: the bias hooks read the stitch of whichever forward is running.
-        self._bias_state = {"stitch": config.default_stitch}
+        self._bias_state = {"stitch": config.default_stitch, "enabled": True}
         if config.stitch_bias_targets:
             self._build_stitch_biases(config.stitch_bias_targets)
         if config.slim and needs_small and needs_large:
@@ -153,19 +158,20 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
         return len(self.config.stitches)
 
     def stitch_table(self) -> list[dict]:
-        """One row per stitch: index, `(n, j)`, kind, layers run, parameters used and forward FLOPs per token."""
+        """One row per stitch: index, `(n, j)`, skipped large layers, kind, layers run, parameters used and
+        forward FLOPs per token."""
         rows = []
-        for k, (n, j) in enumerate(self.config.stitches):
+        for k in range(self.num_stitches):
             cost = self.config.stitch_cost(k)
-            kind = {self.config.small_stitch: "small anchor", self.config.large_stitch: "large anchor"}.get(
-                (n, j), "hybrid"
-            )
+            n, j, skipped = self.config.stitch_parts(k)
             rows.append(
                 {
                     "stitch": k,
                     "n": n,
                     "j": j,
-                    "kind": kind,
+                    "skip": [skipped.start, skipped.stop] if skipped else None,
+                    "name": self.config.stitch_name(k),
+                    "kind": self.config.stitch_kind(k),
                     "layers": self.config.num_layers(k),
                     "params": cost.params,
                     "flops_per_token": cost.flops_per_token,
@@ -178,20 +184,21 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
         lines = ["| stitch | (n, j) | kind | layers | params | FLOPs/token |", "|---|---|---|---|---|---|"]
         for r in self.stitch_table():
             lines.append(
-                f"| {r['stitch']} | ({r['n']}, {r['j']}) | {r['kind']} | {r['layers']} | "
+                f"| {r['stitch']} | {r['name']} | {r['kind']} | {r['layers']} | "
                 f"{_human(r['params'])} | {_human(r['flops_per_token'])} |"
             )
         return "\n".join(lines)
 
     def _segments(self, stitch: int) -> tuple[PreTrainedModel, list[tuple[PreTrainedModel, range]], PreTrainedModel]:
         """(entry anchor, [(anchor, indices of its layers to run)], exit anchor) of a stitch."""
-        n, j = self.config.stitches[stitch]
+        n, j, skipped = self.config.stitch_parts(stitch)
         n_small, n_large = self.config.small_stitch
         if (n, j) == self.config.small_stitch:
             return self.small, [(self.small, range(n_small))], self.small
+        large_layers = [i for i in range(j, n_large) if i not in skipped]
         if (n, j) == self.config.large_stitch:
-            return self.large, [(self.large, range(n_large))], self.large
-        return self.small, [(self.small, range(n)), (self.large, range(j, n_large))], self.large
+            return self.large, [(self.large, large_layers)], self.large
+        return self.small, [(self.small, range(n)), (self.large, large_layers)], self.large
 
     def stitch_view(self, stitch: int) -> StitchedLlamaForCausalLM:
         """A model that shares every parameter with this palette but runs its own stitch.
@@ -250,7 +257,7 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
         return prefixes
 
     def _first_token_key(self, stitch: int) -> str:
-        n, j = self.config.stitches[stitch]
+        n, j, _ = self.config.stitch_parts(stitch)  # the state entering large layer j: skipping later ones keeps it
         return f"{n}_{j}"
 
     def add_stitch_biases(self, targets: Sequence[str]) -> None:
@@ -283,10 +290,22 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
 
     def _stitch_bias_hook(self, key: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            if not self._bias_state["enabled"]:
+                return output
             bank = self.stitch_biases[str(self._bias_state["stitch"])]
             return output + bank[key].to(output.dtype) if key in bank else output
 
         return hook
+
+    @contextlib.contextmanager
+    def disable_stitch_biases(self) -> Iterator[None]:
+        """Run without the stitch biases, as peft's `disable_adapter()` runs without LoRA: together they give
+        the frozen anchors back (the teacher of distillation)."""
+        enabled, self._bias_state["enabled"] = self._bias_state["enabled"], False
+        try:
+            yield
+        finally:
+            self._bias_state["enabled"] = enabled
 
     # ----- running it -----
 
@@ -442,7 +461,8 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
 
         Args:
             small, large: the anchors, as models (adopted, not copied) or local paths / Hub ids.
-            stitches: `(n, j)` pairs; defaults to SN-Net's rule plus both anchors (design.md §2).
+            stitches: `(n, j)` pairs, or `(n, j, a, b)` to also skip the large anchor's layers `a .. b-1`; defaults
+                to SN-Net's rule plus both anchors (docs/concepts.md). `layer_skip_stitches` proposes blocks.
             calibration: text for the fit: a list of strings (with `tokenizer`), a tokenized
                 `datasets.Dataset` or a LongTensor of token ids. None falls back to random tokens, with a warning.
             tokenizer: the anchors' shared tokenizer; loaded from `small` when that is a path and None is given.
@@ -484,9 +504,10 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
 
         targets: dict[str, list[tuple[int, int]]] = {}
         entries: dict[str, int] = {}  # first-token state -> the large-anchor layer it enters
-        for k, (n, j) in enumerate(config.stitches):
+        for k in range(len(config.stitches)):
             key = config.stitch_layer_key(k)
-            if key is not None:
+            n, j, _ = config.stitch_parts(k)
+            if key is not None and (n, j) not in targets.get(key, []):  # a skip after j leaves the fit as it is
                 targets.setdefault(key, []).append((n, j))
                 entries[model._first_token_key(k)] = j
         if targets:
@@ -515,7 +536,15 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
     def from_pretrained(cls, *args, **kwargs) -> StitchedLlamaForCausalLM:
         # A palette with a tensor missing would run with it freshly initialised: refuse to load it instead.
         wants_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        location = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except SafetensorError as error:  # a truncated or overwritten file: say which one
+            damaged = _damaged_safetensors(location)
+            raise OSError(
+                f"The palette at {location} has a damaged weight file ({', '.join(damaged) or 'unknown'}: {error}). "
+                "Save it again, or copy it again from where it came from."
+            ) from error
         problems = {key: sorted(info.get(key) or []) for key in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         problems = {key: names for key, names in problems.items() if names}
         if problems:
@@ -523,26 +552,97 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
                 f"{key.replace('_', ' ')}: {', '.join(map(str, names[:8]))}" for key, names in problems.items()
             )
             raise OSError(
-                f"The palette at {args[0] if args else kwargs.get('pretrained_model_name_or_path')} does not match "
+                f"The palette at {location} does not match "
                 f"its config ({listed}). Its weights are damaged or from another palette: save it again, or "
                 "rebuild it with `from_anchors`."
             )
         return (model, info) if wants_info else model
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        # The tokenizer goes first so that `push_to_hub`, which uploads the folder after this, sends it too.
-        if kwargs.get("is_main_process", True):
-            os.makedirs(save_directory, exist_ok=True)
+        """`PreTrainedModel.save_pretrained`, all or nothing: the folder is written next to `save_directory` and
+        moved into place only once complete, so a failed save (a full disk, a NaN weight) leaves the previous
+        save as it was. Tensors holding NaN or inf are refused before anything is written."""
+        if not kwargs.get("is_main_process", True):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        check_finite(self.named_parameters(), "refusing to save")
+        target = os.path.abspath(save_directory)
+        parent, name = os.path.split(target)
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{name}.saving-", dir=parent)
+        try:
+            # The tokenizer goes first so that `push_to_hub`, which uploads the folder after this, sends it too.
             tokenizer = getattr(self, "tokenizer", None)
             if tokenizer is not None:
-                tokenizer.save_pretrained(save_directory)
-            write_model_card(self, save_directory)
-        super().save_pretrained(save_directory, *args, **kwargs)
+                tokenizer.save_pretrained(staging)
+            write_model_card(self, staging)
+            super().save_pretrained(staging, *args, **kwargs)
+            _replace_folder(staging, target)
+        except OSError as error:
+            raise OSError(
+                f"Could not save the palette to {target} ({error}); the folder holds the previous save, unchanged. "
+                "Free some space or choose another folder."
+            ) from error
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
     def _upload_modified_files(self, working_dir: str | os.PathLike, repo_id: str, *args, **kwargs):
         # push_to_hub replaces README.md with a generic card after saving: put the palette's card back.
         write_model_card(self, working_dir, repo_id=repo_id)
         return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
+
+
+def check_finite(named_tensors: Iterable[tuple[str, torch.Tensor]], action: str) -> None:
+    """Raise `FloatingPointError` naming the first tensor that holds NaN or inf (and its stitch, for a bias)."""
+    named = [(n, t) for n, t in named_tensors if t.is_floating_point()]
+    if not named or torch.stack([t.detach().isfinite().all() for _, t in named]).all():
+        return
+    bad = [n for n, t in named if not t.detach().isfinite().all()]
+    stitch = re.search(r"stitch_biases\.(\d+)\.", bad[0])
+    where = f" (the bias of stitch {stitch.group(1)})" if stitch else ""
+    raise FloatingPointError(
+        f"Tensor {bad[0]}{where} holds NaN or inf ({len(bad)} tensors in all): {action}. Lower the learning "
+        "rate or set max_grad_norm, and resume from the last good checkpoint."
+    )
+
+
+def _damaged_safetensors(location: Any) -> list[str]:
+    """The `.safetensors` files of a local folder that safetensors cannot open."""
+    if location is None or not os.path.isdir(location):
+        return []
+    damaged = []
+    for name in sorted(os.listdir(location)):
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(os.path.join(location, name), framework="pt"):
+                    pass
+            except (SafetensorError, OSError):
+                damaged.append(os.path.join(location, name))
+    return damaged
+
+
+def _replace_folder(staging: str, target: str) -> None:
+    """Move the complete `staging` folder to `target`; the previous `target` is removed only after that."""
+    if not os.path.exists(target):
+        os.replace(staging, target)
+        return
+    if not os.path.isdir(target):
+        raise NotADirectoryError(f"{target} exists and is not a folder")
+    if any(entry.is_dir() for entry in os.scandir(target)):
+        # More than a save lives there (a Trainer output folder with its checkpoints): move the files in one by
+        # one, config.json last, rather than replace the folder.
+        names = sorted(os.listdir(staging), key=lambda name: name == "config.json")
+        for name in names:
+            os.replace(os.path.join(staging, name), os.path.join(target, name))
+        return
+    old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-", dir=os.path.dirname(target))
+    os.rmdir(old)
+    os.replace(target, old)
+    try:
+        os.replace(staging, target)
+    except OSError:
+        os.replace(old, target)  # put the previous save back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _human(x: float) -> str:

@@ -11,6 +11,8 @@ Checkpoints carry the sampler state and the stitch biases, so `resume_from_check
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
 import os
@@ -26,15 +28,18 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
+from .distillation import TeacherCache, distillation_loss, teacher_topk
 from .esta import METHODS, EstaConfig, prepare_esta, stitch_bias_norms, trainable_parameters, unwrap_palette
-from .modeling_stitched_llama import StitchedLlamaForCausalLM
+from .modeling_stitched_llama import StitchedLlamaForCausalLM, check_finite
 from .sampler import StitchSampler, select_stitches_to_deploy
 
 logger = logging.get_logger(__name__)
 
 SAMPLER_STATE = "stitch_sampler.json"
+MANIFEST = "stitch_manifest.json"
 TRAINABLE_EXTRAS = "stitch_trainable.safetensors"
 REPORT = "esta_report.json"
+SAMPLINGS = ("importance", "uniform")
 
 
 @dataclass
@@ -51,7 +56,7 @@ class StitchTrainingArguments(TrainingArguments):
     )
     sampling: str = field(
         default="importance",
-        metadata={"help": "How the stitch of each step is drawn.", "choices": ["importance", "uniform"]},
+        metadata={"help": "How the stitch of each step is drawn.", "choices": list(SAMPLINGS)},
     )
     importance_ema: float = field(
         default=0.9, metadata={"help": "Weight of the previous importance in its moving average."}
@@ -95,20 +100,69 @@ class StitchTrainingArguments(TrainingArguments):
         default="q_proj,k_proj,v_proj,o_proj",
         metadata={"help": "Comma-separated anchor linears to adapt; add gate_proj,up_proj,down_proj for the MLPs."},
     )
+    distill_alpha: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of distillation from the frozen large anchor: loss = (1 - alpha) * CE + alpha * KD. "
+            "0 trains on the labels alone; the large-anchor stitch always does."
+        },
+    )
+    distill_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature of distillation."})
+    distill_top_k: int | None = field(
+        default=None,
+        metadata={"help": "Keep the teacher's k most likely tokens (renormalised); None keeps the whole vocabulary."},
+    )
+    distill_cache: bool = field(
+        default=False,
+        metadata={
+            "help": "Remember the teacher's top-k log-probabilities of each training example after its first "
+            "visit (needs distill_top_k), so later epochs skip the teacher's forward pass."
+        },
+    )
     prediction_loss_only: bool = field(
         default=True, metadata={"help": "Evaluation keeps only the loss (per-stitch logits would not fit in memory)."}
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.method not in METHODS:
-            raise ValueError(f"Unknown method {self.method!r}: use one of {', '.join(METHODS)}.")
-        if self.sampling not in ("importance", "uniform"):
-            raise ValueError(f"Unknown sampling {self.sampling!r}: use 'importance' or 'uniform'.")
-        if self.saliency_params not in ("shared", "all"):
-            raise ValueError(f"Unknown saliency_params {self.saliency_params!r}: use 'shared' or 'all'.")
-        if self.num_deployed_stitches < 1:
-            raise ValueError(f"num_deployed_stitches={self.num_deployed_stitches} must be at least 1.")
+        # Checked here, when the arguments are built, so a bad value fails before any model is loaded.
+        choices = {"method": METHODS, "sampling": SAMPLINGS, "saliency_params": ("shared", "all")}
+        choices["eval_stitches"] = ("all", "deployed")
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"Unknown {name} {getattr(self, name)!r}: use one of {', '.join(allowed)}.")
+        ranges = {  # name -> (low, high, low included, high included)
+            "importance_ema": (0.0, 1.0, True, False),
+            "importance_eps": (0.0, 1.0, True, True),
+            "importance_temperature": (0.0, math.inf, False, False),
+            "distill_alpha": (0.0, 1.0, True, True),
+            "distill_temperature": (0.0, math.inf, False, False),
+            "lora_dropout": (0.0, 1.0, True, False),
+        }
+        for name, (low, high, low_in, high_in) in ranges.items():
+            value = getattr(self, name)
+            above = value >= low if low_in else value > low
+            below = value <= high if high_in else value < high
+            if not (isinstance(value, (int, float)) and above and below):  # NaN fails both comparisons
+                interval = f"{'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+                raise ValueError(f"{name}={value} must lie in {interval}.")
+        minimums = {"num_deployed_stitches": 1, "lora_r": 1, "stitch_warmup_steps": 0, "distill_top_k": 1}
+        for name, low in minimums.items():
+            value = getattr(self, name)
+            if value is not None and value < low:
+                raise ValueError(f"{name}={value} must be at least {low}.")
+        if not any(m.strip() for m in self.lora_target_modules.split(",")):
+            raise ValueError(
+                f"lora_target_modules={self.lora_target_modules!r} names no module: pass e.g. 'q_proj,v_proj'."
+            )
+        if self.distill_cache and self.distill_top_k is None:
+            raise ValueError("distill_cache=True needs distill_top_k (e.g. 64) to bound the memory it uses.")
+        if self.distill_alpha > 0 and self.method == "snnet-full":
+            raise ValueError(
+                "distill_alpha > 0 needs frozen anchors to distill from, and snnet-full trains them: use "
+                "method='esta' or 'lora-no-bias'."
+            )
+        self.esta_config()  # the LoRA fields are checked where they are used
 
     def esta_config(self) -> EstaConfig:
         return EstaConfig(
@@ -164,7 +218,11 @@ class StitchTrainer(Trainer):
         self._stitch_losses: dict[int, list[float]] = defaultdict(list)
         self._step_loss = 0.0
         self.last_eval_metrics: dict[str, float] = {}
+        self.teacher_cache = TeacherCache(args.distill_top_k) if args.distill_cache and args.distill_alpha > 0 else None
+        if args.distill_alpha > 0 and getattr(self.palette, "esta_method", None) == "snnet-full":
+            raise ValueError("distill_alpha > 0 needs frozen anchors, and this model trains them (snnet-full).")
         self.add_callback(_SaliencyCallback(self))
+        self.add_callback(_ManifestCallback())
         report = trainable_parameters(self.model)
         logger.info(
             f"Trainable parameters: {report['trainable']:,} of {report['total']:,} ({report['trainable_percent']:.3f}%)"
@@ -198,6 +256,48 @@ class StitchTrainer(Trainer):
             )
         self._step_loss += float(loss)  # micro-batch losses come scaled so that their sum is the step's loss
         return loss
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """Cross-entropy from `Trainer`, mixed in training with distillation from the frozen large anchor
+        (`distill_alpha`; see `stitched_llama.distillation`). Evaluation losses stay cross-entropy."""
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        alpha = self.args.distill_alpha
+        stitch = inputs.get("stitch")
+        large = self.palette.num_stitches - 1
+        if alpha > 0 and model.training and stitch is not None and stitch % self.palette.num_stitches != large:
+            ids, logprobs = self._teacher(model, inputs)
+            kd = distillation_loss(
+                outputs.logits, ids, logprobs, inputs["labels"], self.args.distill_temperature, num_items_in_batch
+            )
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                kd = kd * self.accelerator.num_processes  # as `Trainer.compute_loss` scales the cross-entropy
+            loss = (1 - alpha) * loss + alpha * kd
+        return (loss, outputs) if return_outputs else loss
+
+    def _teacher(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The large anchor's top-k (ids, log-probabilities), `[batch, seq, k]`, from the cache or a live pass."""
+        peft_model = self.accelerator.unwrap_model(model)
+
+        def live() -> tuple[torch.Tensor, torch.Tensor]:
+            adapters = peft_model.disable_adapter() if isinstance(peft_model, PeftModel) else contextlib.nullcontext()
+            with torch.no_grad(), adapters, self.palette.disable_stitch_biases():
+                logits = peft_model(
+                    input_ids=inputs["input_ids"],
+                    attention_mask=inputs.get("attention_mask"),
+                    stitch=self.palette.num_stitches - 1,
+                    use_cache=False,
+                ).logits  # [batch, seq, vocab]
+            return teacher_topk(logits, self.args.distill_temperature, self.args.distill_top_k)
+
+        if self.teacher_cache is None:
+            return live()
+        return self.teacher_cache.lookup(inputs["input_ids"], inputs.get("attention_mask"), live)
 
     def _score_step(self) -> None:
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -274,6 +374,8 @@ class StitchTrainer(Trainer):
     # ----- checkpoints: sampler state and stitch biases travel with them -----
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # Nothing with a NaN is written: the newest complete checkpoint stays the last good one.
+        check_finite(((n, p) for n, p in self.model.named_parameters() if p.requires_grad), "no checkpoint written")
         super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
@@ -309,6 +411,13 @@ class StitchTrainer(Trainer):
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No complete checkpoint in {self.args.output_dir} to resume from.")
+        elif isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            problem = verify_checkpoint(str(resume_from_checkpoint))
+            if problem is not None:
+                raise OSError(
+                    f"Cannot resume from {resume_from_checkpoint}: {problem}. Pass resume_from_checkpoint=True to "
+                    "resume from the newest complete checkpoint instead."
+                )
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         self.deploy()
         return output
@@ -343,6 +452,7 @@ class StitchTrainer(Trainer):
                     "stitch": k,
                     "n": config.stitches[k][0],
                     "j": config.stitches[k][1],
+                    "skip": config.stitches[k][2:] or None,
                     "params": cost.params,
                     "flops_per_token": cost.flops_per_token,
                     "importance": self.sampler.importance[k],
@@ -368,8 +478,57 @@ class StitchTrainer(Trainer):
         return chosen
 
 
+class _ManifestCallback(TrainerCallback):
+    """Writes a checkpoint's manifest once `Trainer` has written all of it: the mark of a complete checkpoint."""
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if args.should_save and os.path.isdir(folder):
+            write_manifest(folder)
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(folder: str) -> list[str]:
+    found = []
+    for root, _, names in os.walk(folder):
+        found += [os.path.relpath(os.path.join(root, name), folder) for name in names]
+    return sorted(name for name in found if name != MANIFEST)
+
+
+def write_manifest(folder: str) -> None:
+    """Record the size and SHA-256 of every file of `folder` in `folder/stitch_manifest.json`, written last."""
+    files = {
+        name: {"size": os.path.getsize(os.path.join(folder, name)), "sha256": _sha256(os.path.join(folder, name))}
+        for name in _files(folder)
+    }
+    _write_json_atomically(os.path.join(folder, MANIFEST), {"files": files})
+
+
+def verify_checkpoint(folder: str) -> str | None:
+    """None when every file of `folder`'s manifest is there with its size and checksum, else what is wrong."""
+    try:
+        with open(os.path.join(folder, MANIFEST)) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as error:
+        return f"it has no readable {MANIFEST} ({type(error).__name__}), so it was not finished"
+    for name, expected in files.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != expected["size"] or _sha256(path) != expected["sha256"]:
+            return f"{name} does not match its checksum (truncated or changed after saving)"
+    return None
+
+
 def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest `checkpoint-N` whose trainer state and sampler state were both written in full."""
+    """The newest `checkpoint-N` whose files all match its manifest; damaged or unfinished ones are skipped."""
     if not os.path.isdir(output_dir):
         return None
     steps = []
@@ -378,14 +537,10 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
             steps.append(int(name.split("-")[-1]))
     for step in sorted(steps, reverse=True):
         folder = os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
-        try:
-            for name in ("trainer_state.json", SAMPLER_STATE):
-                with open(os.path.join(folder, name)) as f:
-                    json.load(f)
-        except (OSError, ValueError):
-            logger.warning(f"Skipping incomplete checkpoint {folder}.")
-            continue
-        return folder
+        problem = verify_checkpoint(folder)
+        if problem is None:
+            return folder
+        logger.warning(f"Skipping checkpoint {folder}: {problem}.")
     return None
 
 
@@ -396,4 +551,4 @@ def _write_json_atomically(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["StitchTrainer", "StitchTrainingArguments", "last_complete_checkpoint"]
+__all__ = ["StitchTrainer", "StitchTrainingArguments", "last_complete_checkpoint", "verify_checkpoint"]

@@ -9,6 +9,7 @@ training run leaves idle.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -168,6 +169,24 @@ def test_train_deploys_merges_and_saves(trained):
     assert palette.config.deployed_stitches == report["deployed_stitches"]
     assert not any("lora_" in n for n, _ in palette.named_parameters())
     assert (run / "palette" / "tokenizer.json").is_file()
+
+
+def test_train_on_plain_text_with_distillation(ws, built):
+    result = cli(
+        "train", built[0], "--text", ws / "text.txt", "--output_dir", ws / "run-text", "--max_steps", "3",
+        "--per_device_train_batch_size", "2", "--max-length", "16", "--distill_alpha", "0.5", "--save_strategy",
+        "no", "--report_to", "none", "--use_cpu", "--num_deployed_stitches", "1",
+    )  # fmt: skip
+    out = ok(result)
+    assert "evaluating on the training text blocks" in out  # 8 short paragraphs: too few blocks to hold any out
+    report = json.loads((ws / "run-text" / "esta_report.json").read_text())
+    assert all(math.isfinite(row["eval_loss"]) for row in report["stitches"])
+    assert (ws / "run-text" / "palette" / "config.json").is_file()
+
+
+def test_train_needs_exactly_one_kind_of_data(ws, built):
+    both = cli("train", built[0], "--text", ws / "text.txt", "--train-file", ws / "train.jsonl", "--output_dir", ws)
+    assert both.returncode == 2 and "pass one of --train-file" in both.stderr
 
 
 def test_evaluate_writes_report_and_updates_palette(ws, deploy_runs):

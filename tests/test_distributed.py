@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from stitched_llama.trainer import SAMPLER_STATE, TRAINABLE_EXTRAS, last_complete_checkpoint
+from stitched_llama.trainer import MANIFEST, SAMPLER_STATE, TRAINABLE_EXTRAS, last_complete_checkpoint
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "distributed_worker.py"
@@ -30,6 +30,7 @@ CHECKPOINT_FILES = {
     "adapter_model.safetensors",
     TRAINABLE_EXTRAS,
     SAMPLER_STATE,
+    MANIFEST,  # written by rank 0 once the rest is complete
     "trainer_state.json",
     "training_args.bin",
     "optimizer.pt",
