@@ -88,27 +88,10 @@ def evaluate(model, data: dict) -> list[dict]:
 
 
 def training_args(out: Path, seed: int, steps: int, args, **overrides):
-    from stitched_llama.trainer import StitchTrainingArguments
+    from stitched_llama.demo import healing_arguments
 
-    return StitchTrainingArguments(
-        output_dir=str(out),
-        max_steps=steps,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=overrides.pop("learning_rate", args.learning_rate),
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, steps // 20),
-        logging_steps=max(1, steps // 10),
-        save_strategy="no",
-        report_to="none",
-        seed=seed,
-        data_seed=seed,
-        disable_tqdm=True,
-        use_cpu=True,
-        dataloader_pin_memory=False,
-        lora_r=args.lora_r,
-        lora_target_modules="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-        **overrides,
-    )
+    learning_rate = overrides.pop("learning_rate", args.learning_rate)
+    return healing_arguments(out, steps, learning_rate, seed, args.batch_size, lora_r=args.lora_r, **overrides)
 
 
 def fresh_palette(spec: dict, args):

@@ -628,7 +628,7 @@ def run_init(ctx: dict) -> dict:
 
 def run_diag_pos0(ctx: dict) -> dict:
     """Diagnostic: held-out perplexity of the LS-init hybrids when position 0 after the stitching layer is replaced
-    by the large anchor's mean position-0 state entering layer `j` (design.md §2 reports that this helped).
+    by the large anchor's mean position-0 state entering layer `j` (docs/concepts.md).
 
     Position 0 sees only its own token, so the large anchor's state there comes from a 1-token forward pass.
     """

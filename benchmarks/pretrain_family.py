@@ -114,6 +114,21 @@ def heldout(cache_dir: Path, tokenizer: PreTrainedTokenizerFast, block: int, n_r
     return Dataset.from_dict({"input_ids": rows, "labels": rows})
 
 
+def write_demo_text(cache_dir: Path, out: Path, train_chars: int = 400_000, heldout_chars: int = 100_000) -> None:
+    """The text `stitched-llama demo` trains and evaluates on, shipped with the family: training text the family
+    saw (healing a palette uses generic text), and held-out Python docs it never saw."""
+    text = cache_dir / TEXT_DIR
+    half = train_chars // 2
+    train = [
+        (text / name).read_text(encoding="utf-8")[:half] for name in ("python_docs_calib.txt", "shakespeare_train.txt")
+    ]
+    heldout = (text / "python_docs_heldout.txt").read_text(encoding="utf-8")[:heldout_chars]
+    folder = out / "text"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.txt").write_text("\n\n\n".join(t[: t.rfind("\n\n")] for t in train) + "\n", encoding="utf-8")
+    (folder / "heldout.txt").write_text(heldout[: heldout.rfind("\n\n")] + "\n", encoding="utf-8")
+
+
 class Progress(TrainerCallback):
     def __init__(self, name: str) -> None:
         self.name = name
@@ -163,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    write_demo_text(cache_dir, out)
     docs = corpus(cache_dir, args.max_chars)
     t0 = time.perf_counter()
     tokenizer = train_tokenizer(docs, args.vocab_size)

@@ -1,8 +1,7 @@
 """Choosing a stitch under a budget: parameters, FLOPs, measured latency and memory.
 
 Latency and memory come from `profile_stitches`, which measures them on the current device and stores them in
-`config.stitch_profile`, so they travel with the checkpoint. This file travels with the modeling file as remote
-code, so it imports only torch and transformers.
+`config.stitch_profile`, so they travel with the checkpoint.
 """
 
 from __future__ import annotations

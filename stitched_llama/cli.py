@@ -5,7 +5,7 @@
     stitched-llama evaluate run/palette --data val.jsonl --out run/eval     # Pareto table + plot
     stitched-llama export run/palette --stitch best --max-params 1.5B --out slim   # one stitch alone
     stitched-llama chat run/palette --stitch 3                              # talk to any stitch, switch live
-    stitched-llama demo                                                     # all of it on tiny built-in anchors
+    stitched-llama demo                                                     # all of it on the built-in family
 
 User errors (a missing or incomplete folder, an unknown stitch, a bad budget...) end with one line on stderr
 and exit status 2; `--debug` shows the traceback instead.
@@ -16,12 +16,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import re
-import shutil
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -287,10 +284,12 @@ def _read_data(path_str: str, what: str) -> tuple[str, Any]:
 
     from datasets import load_dataset
 
-    from .data import detect_format, load_instruction_dataset
+    from .data import check_jsonl, detect_format, load_instruction_dataset
 
     if path.stat().st_size == 0:
         raise CliError(f"{what} {path_str!r} is empty: it needs at least one record")
+    if suffix == ".jsonl":
+        check_jsonl(path)
     try:
         dataset = load_dataset("parquet" if suffix == ".parquet" else "json", data_files=str(path), split="train")
     except Exception as error:  # noqa: BLE001 - datasets raises many types for unreadable files
@@ -454,6 +453,38 @@ def _check_anchor(name: str, role: str) -> None:
         raise CliError(f"{role} anchor {name!r} is a folder without config.json: pass a saved model folder")
 
 
+def _searched_palette(args: argparse.Namespace, stitches: Any, build_kwargs: dict, load_kwargs: dict) -> Any:
+    """`build --search K`: measure the candidates on --search-data, keep the best stitch of each of K budgets."""
+    from transformers import AutoModelForCausalLM
+
+    from .configuration_stitched_llama import StitchedLlamaConfig
+    from .search import candidate_stitches, format_search_table, layer_skip_blocks, search_palette
+
+    if args.search_data is None:
+        raise CliError("--search K needs --search-data FILE: held-out text (or records) to measure the stitches on")
+    if args.search < 1:
+        raise CliError(f"--search {args.search} must be at least 1 budget")
+    small = AutoModelForCausalLM.from_pretrained(args.small, **load_kwargs).eval()
+    large = AutoModelForCausalLM.from_pretrained(args.large, **load_kwargs).eval()
+    tokenizer = build_kwargs["tokenizer"]
+    heldout, collator, _ = _evaluation_data(
+        args.search_data, tokenizer, large.config.max_position_embeddings, args.max_length, None
+    )
+    if stitches is None:
+        sizes = [int(v) for v in args.skip_blocks.split(",") if v.strip()] if args.skip_blocks else []
+        calibration = build_kwargs["calibration"]
+        blocks = layer_skip_blocks(large, calibration, tokenizer, sizes, max_length=args.max_length) if sizes else []
+        config = StitchedLlamaConfig(small_config=small.config, large_config=large.config)
+        stitches = candidate_stitches(config, blocks)
+    palette, rows = search_palette(
+        small, large, stitches, heldout=heldout, num_budgets=args.search,
+        evaluate_kwargs={"collator": collator, "progress": False}, **build_kwargs,
+    )  # fmt: skip
+    print(f"\nSearch: {len(rows)} stitches measured on {args.search_data}, the best of {args.search} budgets kept:\n")
+    print(format_search_table(rows))
+    return palette
+
+
 def build(args: argparse.Namespace) -> int:
     """Build a palette between two anchors, fit its stitching layers by least squares, and save it."""
     from transformers import AutoTokenizer
@@ -486,19 +517,21 @@ def build(args: argparse.Namespace) -> int:
         print("calibration: none given, fitting on random tokens (pass --calibration FILE for better stitches)")
 
     kwargs = {} if args.dtype is None else {"dtype": _dtype(args.dtype)}
+    build_kwargs = dict(
+        calibration=calibration,
+        tokenizer=tokenizer,
+        share_stitch_layers=not args.no_share_stitch_layers,
+        map_first_token=not args.no_map_first_token,
+        ridge=args.ridge,
+        max_length=args.max_length,
+    )
     try:
-        palette = StitchedLlamaForCausalLM.from_anchors(
-            args.small,
-            args.large,
-            stitches=stitches,
-            calibration=calibration,
-            tokenizer=tokenizer,
-            share_stitch_layers=not args.no_share_stitch_layers,
-            map_first_token=not args.no_map_first_token,
-            ridge=args.ridge,
-            max_length=args.max_length,
-            **kwargs,
-        )
+        if args.search:
+            palette = _searched_palette(args, stitches, build_kwargs, kwargs)
+        else:
+            palette = StitchedLlamaForCausalLM.from_anchors(
+                args.small, args.large, stitches=stitches, **build_kwargs, **kwargs
+            )
     except OSError as error:
         raise CliError(f"could not load the anchors: {_one_line(error)}") from error
     print(f"\nPalette of {palette.num_stitches} stitches between {args.small} and {args.large}:\n")
@@ -873,148 +906,29 @@ def chat(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _pretrain_anchor(model: Any, data: Any, collator: Any, steps: int, lr: float, seed: int, name: str) -> tuple:
-    """Full training of a tiny anchor, so that it stands in for a pretrained model; returns (first, last) loss."""
-    import torch
-    from transformers.utils import logging as hf_logging
-
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: min(1.0, (i + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * i / steps))
-    )
-    generator = torch.Generator().manual_seed(seed)
-    losses = []
-    bar = hf_logging.tqdm(range(steps), desc=f"Training the {name} anchor", unit="step")
-    for _ in bar:
-        batch = collator([data[i] for i in torch.randint(len(data), (8,), generator=generator).tolist()])
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
-    model.eval()
-    return losses[0], sum(losses[-10:]) / len(losses[-10:])
-
-
 def demo(args: argparse.Namespace) -> int:
-    """The whole job on built-in tiny anchors, offline: build -> ESTA training -> evaluation -> chat."""
+    """The whole job on the built-in model family, offline: search -> ESTA training -> evaluation -> generation."""
     import torch
 
-    from .data import builtin_instructions, collate_fn, tokenize_instructions
-    from .esta import merge_esta, trainable_parameters
-    from .evaluation import REPORT_FILES, evaluate_palette, format_markdown
-    from .modeling_stitched_llama import StitchedLlamaForCausalLM
-    from .tiny import tiny_anchors, tiny_tokenizer
-    from .trainer import REPORT, StitchTrainer, StitchTrainingArguments
+    from .demo import run_demo
 
-    for option, value in (("--steps", args.steps), ("--anchor-steps", args.anchor_steps), ("--threads", args.threads)):
+    for option, value in (("--steps", args.steps), ("--threads", args.threads)):
         if value < 1:
             raise CliError(f"{option} {value} must be at least 1")
     if args.learning_rate <= 0:
         raise CliError(f"--learning-rate {args.learning_rate} must be positive")
-    start = time.perf_counter()
-    out = Path(args.out)
-    for name in ("palette", "evaluation", REPORT):  # this demo's own outputs from an earlier run
-        target = out / name
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-    # Tiny matrices: one thread is as fast as many, and far faster on a machine busy with other work.
+    if not 0 <= args.distill_alpha <= 1:
+        raise CliError(f"--distill-alpha {args.distill_alpha} must lie in [0, 1]")
     torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    records = builtin_instructions()
-    tokenizer = tiny_tokenizer(str(r) for r in records.to_list())
-    collator = collate_fn(tokenizer)
-    data = tokenize_instructions(records, tokenizer, max_length=128)
-
-    print(
-        f"== 1/5 anchors: two tiny LLaMA models and a word-level tokenizer, over {len(records)} built-in instructions"
-    )
-    small, large = tiny_anchors(len(tokenizer), seed=args.seed)
-    # Random anchors would leave nothing to stitch: train each briefly (the large one longer, so it is the
-    # better model) to stand in for two pretrained LLMs.
-    for name, anchor, steps in (("small", small, args.anchor_steps // 2), ("large", large, args.anchor_steps)):
-        first, last = _pretrain_anchor(anchor, data, collator, max(1, steps), 3e-3, args.seed, name)
-        size = sum(p.numel() for p in anchor.parameters())
-        print(
-            f"{name} anchor: {anchor.config.num_hidden_layers} layers, hidden {anchor.config.hidden_size}, "
-            f"{size:,} parameters; loss {first:.2f} -> {last:.2f} after {max(1, steps)} steps of full training"
-        )
-
-    print("\n== 2/5 build: the palette, stitching layers fitted by least squares on the instructions")
-    palette = StitchedLlamaForCausalLM.from_anchors(small, large, calibration=data, tokenizer=tokenizer)
-    print(f"{palette.num_stitches} stitches ({sum(len(x) for x in data['input_ids']):,} calibration tokens):\n")
-    print(palette.format_stitch_table())
-    print(
-        "\nrelative fit error per stitching layer: "
-        + ", ".join(f"P_{k}: {v:.3f}" for k, v in palette.stitch_fit_errors.items())
-    )
-    before = evaluate_palette(palette, data, collator=collator, progress=False)
-
-    print(f"\n== 3/5 train: ESTA on all {palette.num_stitches} stitches at once, {args.steps} steps")
-    training_args = StitchTrainingArguments(
-        output_dir=str(out),
-        max_steps=args.steps,
-        per_device_train_batch_size=8,
+    run_demo(
+        args.out,
+        steps=args.steps,
         learning_rate=args.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, args.steps // 20),
-        logging_steps=max(1, args.steps // 10),
-        save_strategy="no",
-        report_to="none",
+        distill_alpha=args.distill_alpha,
         seed=args.seed,
-        disable_tqdm=False,
-        dataloader_pin_memory=False,
-        use_cpu=not torch.cuda.is_available(),
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
     )
-    trainer = StitchTrainer(model=palette, args=training_args, train_dataset=data, data_collator=collator)
-    _compact_training_output(trainer)
-    counts = trainable_parameters(trainer.model)
-    print(
-        f"trainable: {counts['trainable']:,} of {counts['total']:,} parameters ({counts['trainable_percent']:.1f}%), "
-        "one LoRA shared by all stitches + per-stitch biases; the anchors stay frozen"
-    )
-    trainer.train()  # ends by choosing the stitches to deploy
-    merged = merge_esta(trainer.model)
-    merged.tokenizer = tokenizer
-    deployed = merged.config.deployed_stitches
-
-    print(
-        "\n== 4/5 evaluate: every stitch on the built-in instructions (the training set: a smoke test, not a benchmark)"
-    )
-    rows = evaluate_palette(merged, data, output_dir=out / "evaluation", collator=collator)
-    merged.config.stitch_metrics = {
-        str(r["stitch"]): {"eval_loss": r["loss"], "eval_perplexity": r["perplexity"]} for r in rows
-    }
-    print(format_markdown(rows))
-    print(
-        "\nloss per stitch before -> after ESTA: "
-        + ", ".join(f"{b['stitch']}: {b['loss']:.2f} -> {a['loss']:.2f}" for b, a in zip(before, rows))
-    )
-    print(f"deployed stitches (the most important per FLOPs interval, plus both anchors): {deployed}")
-
-    hybrids = [r for r in rows if r["deployed"] and r["kind"] == "hybrid"]
-    hybrid = min(hybrids, key=lambda r: r["loss"])["stitch"] if hybrids else merged.num_stitches // 2
-    prompt, input_ids = _render_prompt(tokenizer, [{"role": "user", "content": args.prompt}])
-    print("\n== 5/5 chat: one turn, the same prompt to a deployed hybrid stitch and to the large anchor")
-    print(f"prompt (chat template applied): {prompt!r}")
-    for k in (hybrid, merged.num_stitches - 1):
-        reply = _generate(merged, tokenizer, input_ids, k, args.max_new_tokens)
-        print(f"{_stitch_label(merged, k)}: {reply}")
-
-    merged.save_pretrained(out / "palette")
-    print(f"\nfiles, after {time.perf_counter() - start:.0f} s:")
-    print(f"  palette (merged, with tokenizer and model card): {out / 'palette'}")
-    print(f"  training report (importance, visits, deployed): {out / REPORT}")
-    print(f"  evaluation table: {out / 'evaluation' / REPORT_FILES['md']} (and .csv, .json)")
-    print(f"  Pareto plot: {out / 'evaluation' / REPORT_FILES['png']}")
-    print(f"next: stitched-llama chat {out / 'palette'}")
     return 0
 
 
@@ -1023,11 +937,21 @@ def demo(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("stitched-llama")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
         prog="stitched-llama", description=__doc__, formatter_class=formatter, allow_abbrev=False
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of errors")
     parser.add_argument("--verbose", action="store_true", help="show the library's info logs")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -1087,6 +1011,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=512, help="calibration sequences are cut to this many tokens")
     p.add_argument("--ridge", type=float, default=1e-2, help="ridge term of the fit, relative (default 1e-2)")
     p.add_argument("--overwrite", action="store_true", help="replace a model already saved in --out")
+    p.add_argument(
+        "--search",
+        type=int,
+        metavar="K",
+        help="search before training: measure every candidate stitch (SN-Net's, their neighbours and layer skips, or "
+        "--stitches) on --search-data and keep the best of each of K FLOPs budgets",
+    )
+    p.add_argument("--search-data", metavar="FILE", help="held-out text or records the search measures on")
+    p.add_argument(
+        "--skip-blocks",
+        default="1,2,4",
+        metavar="SIZES",
+        help="with --search: sizes of the large-anchor blocks to try skipping, chosen by angular distance "
+        "(default 1,2,4; '' for none)",
+    )
 
     # `train` takes every TrainingArguments flag: its real parser (HfArgumentParser) is built when it runs.
     command(
@@ -1176,25 +1115,21 @@ def _parser() -> argparse.ArgumentParser:
     p = command(
         "demo",
         demo,
-        "Run the whole job offline on the built-in default in a few minutes on a CPU: two tiny LLaMA anchors\n"
-        "and a word-level tokenizer (stitched_llama.tiny) over ~60 built-in instructions -> build the palette\n"
-        "(least-squares stitching layers) -> ESTA training -> evaluation (table + Pareto plot) -> a chat turn\n"
-        "with a deployed hybrid stitch and the large anchor. Everything is saved under --out.",
+        "Run the whole job offline on the built-in default in a few minutes on a CPU: the built-in family of two\n"
+        "small LLaMA models pretrained alike on Python docs, Shakespeare and WordNet (stitched_llama/assets/family)\n"
+        "-> search the stitch space (hybrids and layer skips) -> ESTA with distillation on text -> every stitch on\n"
+        "held-out Python docs (table + Pareto plot) -> greedy continuations. Everything is saved under --out.",
     )
     p.add_argument("--out", default=os.path.join("outputs", "demo"), metavar="DIR", help="default ./outputs/demo")
-    p.add_argument("--steps", type=int, default=300, help="ESTA training steps (default 300)")
-    p.add_argument("--learning-rate", type=float, default=3e-3, help="ESTA peak learning rate (default 3e-3)")
+    p.add_argument("--steps", type=int, default=120, help="ESTA training steps (default 120)")
+    p.add_argument("--learning-rate", type=float, default=2e-3, help="ESTA peak learning rate (default 2e-3)")
     p.add_argument(
-        "--anchor-steps",
-        type=int,
-        default=250,
-        help="full-training steps that turn the random large anchor into a model (the small one gets half; "
-        "default 250)",
+        "--distill-alpha", type=float, default=0.5, help="weight of distillation from the large anchor (default 0.5)"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the anchors and of training")
-    p.add_argument("--prompt", default="What is 7 plus 5?", help="the sample chat message")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="longest chat reply, in tokens (default 16)")
-    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1: fastest for tiny models)")
+    p.add_argument("--seed", type=int, default=0, help="seed of training")
+    p.add_argument("--prompt", default="The module provides", help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="longest continuation, in tokens (default 24)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for torch (default 2)")
     return parser
 
 

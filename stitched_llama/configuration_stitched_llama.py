@@ -180,9 +180,12 @@ class StitchedLlamaConfig(PreTrainedConfig):
         return "hybrid + skip" if skipped else "hybrid"
 
     def stitch_name(self, k: int) -> str:
-        """`(n, j)`, or `(n, j) skip a-b` for a stitch that skips the large anchor's layers a .. b-1."""
+        """`(n, j)`, or `(n, j) skip a-c` for a stitch that skips the large anchor's layers a .. c (`skip a` for one)."""
         n, j, skipped = self.stitch_parts(k)
-        return f"({n}, {j})" + (f" skip {skipped.start}-{skipped.stop - 1}" if skipped else "")
+        if not skipped:
+            return f"({n}, {j})"
+        block = f"{skipped.start}" if len(skipped) == 1 else f"{skipped.start}-{skipped.stop - 1}"
+        return f"({n}, {j}) skip {block}"
 
     def num_layers(self, k: int) -> int:
         return _num_layers(

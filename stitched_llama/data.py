@@ -16,6 +16,7 @@ the loss is the usual supervised fine-tuning loss on responses only.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -115,6 +116,8 @@ def load_instruction_dataset(
         # `datasets` fails on empty files with unhelpful errors (a bare StopIteration for .jsonl), so check first.
         if _file_is_empty(path, builder):
             raise ValueError(f"instruction data {name} has no records")
+        if path.suffix.lower() == ".jsonl":
+            check_jsonl(path)
         dataset = load_dataset(builder, data_files=str(path), split=split or "train")
     else:
         raise TypeError(
@@ -125,6 +128,32 @@ def load_instruction_dataset(
         raise ValueError(f"instruction data {name} has no records")
     detect_format(dataset)  # fail at load time, not deep inside training, when the columns fit neither format
     return dataset
+
+
+def check_jsonl(path: str | os.PathLike) -> None:
+    """Raise `ValueError` naming the file and the line of the first line that is not UTF-8 or not a JSON object.
+
+    `datasets` reports these as a generic parse failure somewhere in the file; this says where and why.
+    """
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{path} line {number} is not UTF-8 text ({error.reason}): save the file as UTF-8"
+                ) from error
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"{path} line {number} is not valid JSON ({error.msg} at column {error.colno}): one record per "
+                    'line, e.g. {"instruction": ..., "output": ...}'
+                ) from error
+            if not isinstance(record, dict):
+                raise ValueError(f"{path} line {number} holds a {type(record).__name__}, not a JSON object (a record)")
 
 
 def _file_is_empty(path: Path, builder: str) -> bool:
@@ -545,6 +574,7 @@ __all__ = [
     "ALPACA_PROMPT",
     "ALPACA_PROMPT_NO_INPUT",
     "IGNORE_INDEX",
+    "check_jsonl",
     "tokenize_texts",
     "builtin_instructions",
     "collate_fn",

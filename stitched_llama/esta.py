@@ -1,4 +1,4 @@
-"""Parameter-efficient stitch tuning (PST, design.md §3): frozen anchors, one shared LoRA, biases per stitch.
+"""Parameter-efficient stitch tuning (PST, docs/training.md): frozen anchors, one shared LoRA, biases per stitch.
 
     palette = StitchedLlamaForCausalLM.from_anchors(small, large, calibration=texts)
     model = prepare_esta(palette, EstaConfig(r=8))      # a peft model: LoRA shared by every stitch
@@ -35,7 +35,7 @@ _ADAPTER_INFO = "stitched_adapter.json"
 
 @dataclass
 class EstaConfig:
-    """How a palette is made trainable. `method` picks ESTA or one of its baselines (design.md §3)."""
+    """How a palette is made trainable. `method` picks ESTA or one of its baselines (docs/training.md)."""
 
     method: Literal["esta", "lora-no-bias", "snnet-full"] = field(
         default="esta",

@@ -6,8 +6,8 @@
   `StitchedLlamaForCausalLM` whose anchors keep only the layers the stitch runs; its code travels with it, so
   it loads with `trust_remote_code=True` where this package is not installed.
 
-A shared LoRA still attached (peft) is merged into the exported copy of the weights. This file travels with
-the modeling file as remote code, so it imports only torch and transformers.
+A shared LoRA still attached (peft) is merged into the exported copy of the weights. peft's layers are found by
+their interface, so this file does not import peft.
 """
 
 from __future__ import annotations

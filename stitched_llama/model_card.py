@@ -1,13 +1,14 @@
 """The model card (README.md) written with every saved or pushed palette.
 
 It lists every stitch with its cost, its eval perplexity when known and whether it is deployed, shows the
-accuracy-cost plot when one can be drawn, and gives the snippets to load, pick a stitch and generate. This file
-travels with the modeling file as remote code: it needs only the standard library.
+accuracy-cost plot when one can be drawn, and gives the snippets to load, pick a stitch and generate.
 """
 
 from __future__ import annotations
 
 import os
+
+from .evaluation import plot_pareto
 
 PLOT_NAME = "pareto.png"
 
@@ -98,11 +99,7 @@ def write_model_card(palette, save_directory: str | os.PathLike, repo_id: str | 
     """Write README.md (and the plot, when metrics and matplotlib are there) into `save_directory`."""
     plot_file = None
     rows = stitch_rows(palette)
-    try:  # the plot needs matplotlib and the full package; remote code without them still writes the card
-        from stitched_llama.evaluation import plot_pareto
-    except ImportError:
-        plot_pareto = None
-    if plot_pareto is not None and any("perplexity" in r for r in rows):
+    if any("perplexity" in r for r in rows):
         plot_pareto(rows, os.path.join(save_directory, PLOT_NAME))
         plot_file = PLOT_NAME
     path = os.path.join(save_directory, "README.md")

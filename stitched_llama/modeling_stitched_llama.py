@@ -3,20 +3,24 @@
     tokens -> S.embed -> S.layer[0..n-1] -> P_n -> L.layer[j..L_L-1] -> L.norm -> L.lm_head -> logits
 
 The anchors are held whole (`self.small`, `self.large`, each a `*ForCausalLM`), so the anchor stitches run
-exactly the plain anchors' modules. Stitching layers `P_n` live in `self.stitch_layers`. This file imports only
-torch, transformers and sibling files, so a saved palette loads with `trust_remote_code=True` anywhere.
+exactly the plain anchors' modules. Stitching layers `P_n` live in `self.stitch_layers`. This file and the
+configuration file are all that travels with a saved palette (`trust_remote_code=True`): they import only torch,
+transformers and safetensors. Building, exporting and profiling live in the package, which the methods that do
+them import when called (docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import inspect
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,11 +32,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import logging
 
-from .budget import profile_stitches, select_stitch
 from .configuration_stitched_llama import StitchedLlamaConfig
-from .export import export_stitch
-from .model_card import write_model_card
-from .stitch_init import calibration_batches, fit_first_token_states, fit_stitch_layers
 
 logger = logging.get_logger(__name__)
 
@@ -68,6 +68,17 @@ def _first_token_mask(attention_mask: torch.Tensor | None, past_seen: int, hidde
     else:
         first = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
     return index.unsqueeze(0) == first.unsqueeze(1)
+
+
+@dataclass
+class StitchedCausalLMOutput(CausalLMOutputWithPast):
+    r"""
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`):
+        The final normed hidden state the head reads. Trainers with a fused head and loss (TRL's `SFTTrainer`) call a
+        causal LM's `base_model` for it; a palette is its own base model, so its output carries it too.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
 
 
 class StitchedLlamaPreTrainedModel(PreTrainedModel):
@@ -217,7 +228,8 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
 
         Stored in `config.stitch_profile` (it travels with the checkpoint); see `budget.profile_stitches`.
         """
-        return profile_stitches(self, list(stitches) if stitches is not None else None, **kwargs)
+        budget = _package("budget", "Profiling stitches")
+        return budget.profile_stitches(self, list(stitches) if stitches is not None else None, **kwargs)
 
     def select_stitch(
         self,
@@ -227,7 +239,8 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
         max_memory_mb: float | str | None = None,
     ) -> int:
         """The best stitch that fits every budget (numbers, or strings with units: "1.5B", "20ms", "2GB")."""
-        return select_stitch(self, max_params, max_flops, max_latency_ms, max_memory_mb)
+        budget = _package("budget", "Choosing a stitch by budget")
+        return budget.select_stitch(self, max_params, max_flops, max_latency_ms, max_memory_mb)
 
     def export_stitch(self, stitch: int, save_directory: str | os.PathLike, **kwargs) -> str:
         """Save stitch `stitch` alone: only the weights it runs, LoRA merged, its biases folded in.
@@ -235,7 +248,7 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
         An anchor stitch is saved as a plain Llama/Mistral/Qwen2 checkpoint when its biases fit that
         architecture, anything else as a slim palette. Returns the class name of the exported model.
         """
-        return export_stitch(self, stitch, save_directory, **kwargs)
+        return _package("export", "Exporting a stitch").export_stitch(self, stitch, save_directory, **kwargs)
 
     # ----- stitch-specific biases -----
 
@@ -330,7 +343,7 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast | tuple:
+    ) -> StitchedCausalLMOutput | tuple:
         r"""
         cache (`Cache`, *optional*):
             The KV cache to continue (named `past_key_values` before transformers 5.24; either name works).
@@ -431,10 +444,11 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs)
-        output = CausalLMOutputWithPast(
+        output = StitchedCausalLMOutput(
             loss=loss,
             logits=logits,
             hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
+            last_hidden_state=hidden_states,
             **{CACHE_KEY: cache},
         )
         return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
@@ -477,10 +491,17 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
         """
         if tokenizer is None and not isinstance(small, PreTrainedModel):
             tokenizer = _load_tokenizer(small)
-        if not isinstance(small, PreTrainedModel) and not isinstance(large, PreTrainedModel):
-            _check_same_tokenizer(tokenizer, _load_tokenizer(large), small, large)
         small = small if isinstance(small, PreTrainedModel) else AutoModelForCausalLM.from_pretrained(small, **kwargs)
         large = large if isinstance(large, PreTrainedModel) else AutoModelForCausalLM.from_pretrained(large, **kwargs)
+        dtypes = {
+            name: anchor.get_input_embeddings().weight.dtype for name, anchor in (("small", small), ("large", large))
+        }
+        if dtypes["small"] != dtypes["large"]:
+            raise ValueError(
+                f"The anchors have different dtypes (small {dtypes['small']}, large {dtypes['large']}), and a stitch "
+                "runs both: load them in one dtype (`dtype=torch.bfloat16` for both, or `.to(dtype)` one of them)."
+            )
+        _check_tokenizers(tokenizer, small, large)
         if tokenizer is not None and len(tokenizer) > small.config.vocab_size:
             raise ValueError(
                 f"The tokenizer has {len(tokenizer)} tokens but the anchors' vocab_size is "
@@ -511,7 +532,8 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
                 targets.setdefault(key, []).append((n, j))
                 entries[model._first_token_key(k)] = j
         if targets:
-            batches = calibration_batches(
+            stitch_init = _package("stitch_init", "Building a palette")
+            batches = stitch_init.calibration_batches(
                 calibration,
                 tokenizer,
                 vocab_size=config.vocab_size,
@@ -519,10 +541,10 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
                 max_length=max_length,
                 batch_size=batch_size,
             )
-            errors = fit_stitch_layers(small, large, model.stitch_layers, targets, batches, ridge=ridge)
+            errors = stitch_init.fit_stitch_layers(small, large, model.stitch_layers, targets, batches, ridge=ridge)
             model.stitch_fit_errors = errors
             if map_first_token:
-                states = fit_first_token_states(large, sorted(set(entries.values())), batches)
+                states = stitch_init.fit_first_token_states(large, sorted(set(entries.values())), batches)
                 for key, module in model.first_token_states.items():
                     module.state.copy_(states[entries[key]].to(module.state.dtype))
             logger.info(
@@ -574,7 +596,7 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
             tokenizer = getattr(self, "tokenizer", None)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
-            write_model_card(self, staging)
+            _write_model_card(self, staging)
             super().save_pretrained(staging, *args, **kwargs)
             _replace_folder(staging, target)
         except OSError as error:
@@ -587,8 +609,26 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
 
     def _upload_modified_files(self, working_dir: str | os.PathLike, repo_id: str, *args, **kwargs):
         # push_to_hub replaces README.md with a generic card after saving: put the palette's card back.
-        write_model_card(self, working_dir, repo_id=repo_id)
+        _write_model_card(self, working_dir, repo_id=repo_id)
         return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
+
+
+def _package(module: str, what: str) -> Any:
+    """A module of the stitched_llama package. Imported by name when needed, so that it does not travel as remote
+    code with a saved palette (which needs only this file and the configuration file to run)."""
+    try:
+        return importlib.import_module(f"stitched_llama.{module}")
+    except ImportError as error:
+        raise ImportError(f"{what} needs the stitched_llama package: `pip install stitched-llama`.") from error
+
+
+def _write_model_card(palette: StitchedLlamaForCausalLM, folder: str, **kwargs: Any) -> None:
+    try:
+        card = _package("model_card", "Writing the model card")
+    except ImportError:  # remote code without the package: save the model, without a card
+        logger.info("stitched_llama is not installed: saving the palette without its model card.")
+        return
+    card.write_model_card(palette, folder, **kwargs)
 
 
 def check_finite(named_tensors: Iterable[tuple[str, torch.Tensor]], action: str) -> None:
@@ -659,14 +699,27 @@ def _load_tokenizer(path: str | os.PathLike) -> Any:
         return None
 
 
-def _check_same_tokenizer(small_tok: Any, large_tok: Any, small: Any, large: Any) -> None:
-    if small_tok is None or large_tok is None:
-        return
-    if small_tok.get_vocab() != large_tok.get_vocab():
-        raise ValueError(
-            f"The tokenizers of `small` ({small}) and `large` ({large}) differ: the anchors must share a "
-            "tokenizer. Pick two models of the same family."
+def _check_tokenizers(given: Any, small: PreTrainedModel, large: PreTrainedModel) -> None:
+    """Compare every tokenizer given or found next to the anchors; warn when there are not two to compare."""
+    found = {"the tokenizer given": given} if given is not None else {}
+    for role, anchor in (("small", small), ("large", large)):
+        path = anchor.config.name_or_path
+        tokenizer = _load_tokenizer(path) if path and os.path.isdir(path) else None
+        if tokenizer is not None:
+            found[f"`{role}` ({path})"] = tokenizer
+    if len(found) < 2:
+        logger.warning(
+            "Only the vocabulary sizes of the anchors could be compared: no second tokenizer was given or found "
+            "next to them. Make sure they share a tokenizer, or pass the anchors as folders that hold theirs."
         )
+        return
+    (first, reference), *others = found.items()
+    for name, tokenizer in others:
+        if tokenizer.get_vocab() != reference.get_vocab():
+            raise ValueError(
+                f"The tokenizers of {first} and {name} differ: the anchors must share a tokenizer. Pick two "
+                "models of the same family."
+            )
 
 
-__all__ = ["StitchedLlamaForCausalLM", "StitchedLlamaPreTrainedModel"]
+__all__ = ["StitchedCausalLMOutput", "StitchedLlamaForCausalLM", "StitchedLlamaPreTrainedModel"]

@@ -1,6 +1,6 @@
 """Which stitch to train at each optimizer step: uniform, or importance sampling from SNIP saliency.
 
-Importance of stitch `s` (design.md §3): after the gradients of a step that trained `s` are complete,
+Importance of stitch `s` (docs/training.md): after the gradients of a step that trained `s` are complete,
 `q = mean over the trainable parameters s used of |theta * grad|`, kept as an exponential moving average `I(s)`.
 After a warm-up that visits every stitch in turn, `p(s) = (1 - eps) * softmax(z(s) / tau) + eps / K`, with `z`
 the importances standardised across stitches. The sampler draws from its own seeded generator, so every

@@ -100,7 +100,7 @@ def candidate_stitches(
     spread: int = 1,
 ) -> list[tuple[int, ...]]:
     """SN-Net's stitches, their neighbours `n +- spread`, the large anchor with each block of `blocks` skipped,
-    and each hybrid that starts before a block with that block skipped as well."""
+    and each hybrid that enters the large anchor before a block with that block skipped as well."""
     n_small, n_large = config.small_config.num_hidden_layers, config.large_config.num_hidden_layers
     pairs = set()
     for n, j in default_stitches(n_small, n_large)[1:-1]:
@@ -110,7 +110,8 @@ def candidate_stitches(
     stitches: set[tuple[int, ...]] = set(pairs)
     for a, b in blocks:
         stitches.add((0, 0, a, b))
-        stitches.update((n, j, a, b) for n, j in pairs if j <= a and b - a < n_large - j)
+        # a > j: a block skipped right at j would only be `(n, b)` with its stitching layer fitted to the wrong layer
+        stitches.update((n, j, a, b) for n, j in pairs if j < a and b - a < n_large - j)
     return sorted(stitches)
 
 

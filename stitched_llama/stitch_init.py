@@ -1,4 +1,4 @@
-"""Least-squares initialisation of the stitching layers (design.md §2).
+"""Least-squares initialisation of the stitching layers (docs/concepts.md, "Least-squares initialisation").
 
 For a stitching layer `P_n` serving stitches `(n, j1), (n, j2), ...`, solve in float64
 
@@ -6,8 +6,7 @@ For a stitching layer `P_n` serving stitches `(n, j1), (n, j2), ...`, solve in f
 
 over the non-padding tokens of the calibration text, where `h_S[n]` is the small anchor's hidden state after
 `n` layers and `h_L[j]` the large anchor's hidden state entering layer `j`. The first token of every sequence
-is left out: its massive activations dominate a plain fit. This file travels with the modeling file as remote
-code, so it imports only torch and transformers.
+is left out: its massive activations dominate a plain fit.
 
 That first token is handled apart (`fit_first_token_states`): its state in the large anchor is nearly the same
 whatever the token, so a hybrid stitch can feed the large anchor that mean state there.
@@ -62,6 +61,8 @@ def calibration_batches(
                 "pass token ids as a LongTensor of shape [batch, seq] or [seq]."
             )
         sequences = list(calibration.reshape(-1, calibration.shape[-1]).long())
+    elif isinstance(calibration, (list, tuple)) and not calibration:
+        raise ValueError("Calibration is an empty list: pass some text from your domain, or None for random tokens.")
     elif isinstance(calibration, (list, tuple)) and all(isinstance(t, str) for t in calibration):
         if tokenizer is None:
             raise ValueError("Calibration is a list of strings but no `tokenizer` was given: pass `tokenizer=...`.")
@@ -72,7 +73,15 @@ def calibration_batches(
                 f"Calibration dataset has columns {calibration.column_names} but no `input_ids`: tokenize it "
                 "first (e.g. `dataset.map(lambda r: tokenizer(r['text']))`) or pass a list of strings."
             )
-        sequences = [torch.tensor(ids, dtype=torch.long) for ids in calibration["input_ids"]]
+        rows = [torch.as_tensor(ids) for ids in calibration["input_ids"]]
+        if any(row.is_floating_point() for row in rows):
+            raise ValueError(
+                "Calibration `input_ids` hold non-integer values: token ids must be integers (tokenize the text "
+                "with the anchors' tokenizer instead of casting)."
+            )
+        if "attention_mask" in calibration.column_names:  # padding is not text: keep the attended tokens only
+            rows = [row[torch.as_tensor(mask).bool()] for row, mask in zip(rows, calibration["attention_mask"])]
+        sequences = [row.long() for row in rows]
     else:
         raise TypeError(
             f"Unsupported calibration data of type {type(calibration).__name__}: pass a list of strings with a "
@@ -82,6 +91,11 @@ def calibration_batches(
     # Long sequences are cut into max_length pieces rather than truncated: every token is usable.
     pieces = [seq[i : i + max_length] for seq in sequences for i in range(0, len(seq), max_length)]
     pieces = [p for p in pieces if len(p) > 1]
+    if pieces and int(torch.cat(pieces).min()) < 0:
+        raise ValueError(
+            f"Calibration holds the negative token id {int(torch.cat(pieces).min())}: token ids count from 0; "
+            "tokenize the text with the anchors' tokenizer."
+        )
     if pieces and int(torch.cat(pieces).max()) >= vocab_size:
         raise ValueError(
             f"Calibration holds token id {int(torch.cat(pieces).max())} but the anchors' vocab_size is "

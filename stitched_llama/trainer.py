@@ -1,4 +1,4 @@
-"""ESTA fine-tuning of a whole palette in one run, as a thin `Trainer` subclass (design.md §3).
+"""ESTA fine-tuning of a whole palette in one run, as a thin `Trainer` subclass (docs/training.md).
 
     args = StitchTrainingArguments(output_dir="out", sampling="importance", max_steps=500)
     trainer = StitchTrainer(model=palette, args=args, train_dataset=train, data_collator=collator)
@@ -184,8 +184,9 @@ class _SaliencyCallback(TrainerCallback):
         self.trainer._score_step()
 
 
-class StitchTrainer(Trainer):
-    """A `Trainer` that trains one sampled stitch of a palette per optimizer step.
+class StitchTrainerMixin:
+    """The stitch logic of `StitchTrainer` and `StitchSFTTrainer`, on `Trainer`'s documented hooks: one sampled
+    stitch per optimizer step, its score, per-stitch evaluation, checkpoints that carry the sampler, deployment.
 
     `model` may be a bare palette (it is then prepared with `args.method`, see `prepare_esta`) or a model already
     returned by `prepare_esta`.
@@ -193,7 +194,9 @@ class StitchTrainer(Trainer):
 
     def __init__(self, model: nn.Module, args: StitchTrainingArguments, **kwargs: Any) -> None:
         if not isinstance(args, StitchTrainingArguments):
-            raise TypeError("StitchTrainer needs StitchTrainingArguments (TrainingArguments plus stitch options).")
+            raise TypeError(
+                f"{type(self).__name__} needs StitchTrainingArguments (TrainingArguments plus stitch options)."
+            )
         if isinstance(model, StitchedLlamaForCausalLM) and getattr(model, "esta_method", None) is None:
             model = prepare_esta(model, args.esta_config())
         super().__init__(model=model, args=args, **kwargs)
@@ -425,7 +428,7 @@ class StitchTrainer(Trainer):
     # ----- one-stage deployment -----
 
     def deploy(self) -> list[int]:
-        """Choose the stitches to deploy (design.md §3), store them in the config and write the JSON report."""
+        """Choose the stitches to deploy (docs/training.md), store them in the config and write the JSON report."""
         config = self.palette.config
         costs = [config.stitch_cost(k) for k in range(self.palette.num_stitches)]
         chosen = select_stitches_to_deploy(
@@ -544,6 +547,14 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     return None
 
 
+class StitchTrainer(StitchTrainerMixin, Trainer):
+    """A `Trainer` that trains one sampled stitch of a palette per optimizer step (ESTA, docs/training.md).
+
+    `model` may be a bare palette (it is then prepared with `args.method`, see `prepare_esta`) or a model already
+    returned by `prepare_esta`.
+    """
+
+
 def _write_json_atomically(path: str, data: dict) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -551,4 +562,10 @@ def _write_json_atomically(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["StitchTrainer", "StitchTrainingArguments", "last_complete_checkpoint", "verify_checkpoint"]
+__all__ = [
+    "StitchTrainer",
+    "StitchTrainerMixin",
+    "StitchTrainingArguments",
+    "last_complete_checkpoint",
+    "verify_checkpoint",
+]

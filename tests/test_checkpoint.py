@@ -75,9 +75,11 @@ def test_loads_with_remote_code_where_the_package_cannot_be_imported(tmp_path):
     palette.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"].endswith("StitchedLlamaForCausalLM")
-    assert {"modeling_stitched_llama.py", "configuration_stitched_llama.py", "stitch_init.py"} <= set(
-        os.listdir(folder)
-    )
+    # Only what runs the palette travels: building, export and the model card stay in the package.
+    assert {name for name in os.listdir(folder) if name.endswith(".py")} == {
+        "modeling_stitched_llama.py",
+        "configuration_stitched_llama.py",
+    }
     expected = {k: palette(X, stitch=k).logits for k in range(palette.num_stitches)}
     torch.save({"x": X, "expected": expected}, tmp_path / "expected.pt")
     script = textwrap.dedent(
@@ -97,6 +99,14 @@ def test_loads_with_remote_code_where_the_package_cannot_be_imported(tmp_path):
         with torch.no_grad():
             for k, logits in data["expected"].items():
                 assert torch.equal(model(data["x"], stitch=k).logits, logits), k
+            again = model.generate(data["x"], max_new_tokens=3, do_sample=False, stitch=1)
+            assert again.shape[1] == data["x"].shape[1] + 3
+        model.save_pretrained({str(tmp_path / "resaved")!r})  # without the package: saved, with no model card
+        try:
+            model.export_stitch(1, {str(tmp_path / "export")!r})
+            raise SystemExit("export worked without the package")
+        except ImportError as error:
+            assert "pip install stitched-llama" in str(error), error
         print("remote-ok")
         """
     )

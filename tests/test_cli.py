@@ -171,6 +171,21 @@ def test_train_deploys_merges_and_saves(trained):
     assert (run / "palette" / "tokenizer.json").is_file()
 
 
+def test_build_with_search_keeps_the_best_stitch_per_budget(ws):
+    result = cli(
+        "build", ws / "small", ws / "large", "--out", ws / "searched", "--calibration", ws / "text.txt",
+        ws / "train.jsonl", "--calibration-records", "16", "--search", "2", "--search-data", ws / "eval.jsonl", "--skip-blocks", "1",
+    )  # fmt: skip
+    out = ok(result)
+    assert "Search: " in out and "| held-out loss | kept |" in out and "layer skip" in out
+    table = [line for line in out.splitlines() if line.startswith("| (")]
+    kept = [line for line in table if line.rstrip().endswith("| yes |")]
+    palette = StitchedLlamaForCausalLM.from_pretrained(ws / "searched")
+    assert len(kept) == palette.num_stitches >= 2 and len(table) > len(kept)
+    missing = cli("build", ws / "small", ws / "large", "--out", ws / "never", "--search", "2")
+    assert missing.returncode == 2 and "needs --search-data" in missing.stderr
+
+
 def test_train_on_plain_text_with_distillation(ws, built):
     result = cli(
         "train", built[0], "--text", ws / "text.txt", "--output_dir", ws / "run-text", "--max_steps", "3",
@@ -237,6 +252,12 @@ def test_chat_commands_and_history(deploy_runs):
     assert out.count("[stitch 1] ") == 2  # both messages answered, by the stitch switched to
     assert "error: unknown stitch '99'" in out  # a bad switch is reported, the chat goes on
     assert "Traceback" not in result.stderr
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == "stitched-llama 0.1.0"
 
 
 def test_help_of_every_command(capsys):

@@ -1,6 +1,6 @@
 """StitchTrainer under real data parallelism: 2 CPU processes (gloo) launched with torchrun.
 
-The ranks must train the same stitch at every optimizer step (design.md §3), keep identical importance
+The ranks must train the same stitch at every optimizer step (docs/training.md), keep identical importance
 statistics and weights, and only rank 0 may write the checkpoint (each file once; the one per-rank file
 Transformers itself writes, `rng_state_{rank}.pth`, is the only thing rank 1 may put there).
 """

@@ -140,8 +140,9 @@ def test_layer_skip_blocks_find_the_layer_that_does_nothing():
 def test_search_keeps_the_best_stitch_per_budget():
     small, large = make_pair("llama")
     config = StitchedLlamaConfig(small_config=small.config, large_config=large.config)
-    candidates = candidate_stitches(config, blocks=[(1, 2)])
-    assert (0, 0, 1, 2) in candidates and (1, 1) in candidates and (1, 1, 1, 2) in candidates
+    candidates = candidate_stitches(config, blocks=[(2, 3)])
+    assert (0, 0, 2, 3) in candidates and (1, 1) in candidates and (1, 1, 2, 3) in candidates
+    assert (1, 2, 2, 3) not in candidates  # a block right at j is only (1, 3), fitted to the wrong layer
     calibration = torch.randint(3, VOCAB, (16, 32), generator=torch.Generator().manual_seed(0))
     heldout = [{"input_ids": row} for row in torch.randint(3, VOCAB, (6, 24), generator=torch.Generator()).tolist()]
     palette, rows = search_palette(
