@@ -1,4 +1,4 @@
-"""StitchTrainer under real data parallelism: 2 CPU processes (gloo) launched with torchrun.
+"""StitchTrainer under real data parallelism: 2 CPU processes (gloo) launched with `accelerate launch`.
 
 The ranks must train the same stitch at every optimizer step (docs/training.md), keep identical importance
 statistics and weights, and only rank 0 may write the checkpoint (each file once; the one per-rank file
@@ -9,6 +9,7 @@ import collections
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,12 @@ CHECKPOINT_FILES = {
 }
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _gloo_missing() -> str | None:
     if not dist.is_available():
         return "torch.distributed is not available in this torch build"
@@ -61,8 +68,11 @@ def run(tmp_path_factory):
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")])),
     }
-    # --standalone: a local rendezvous on a free port chosen by torchrun itself (no port to guess or race for)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD_SIZE}"]
+    # The command docs/training.md gives for CPUs: `--multi_gpu` makes accelerate start the processes (with
+    # `--num_processes` alone it silently starts one), and the script's `use_cpu=True` makes them gloo CPU ranks.
+    port = _free_port()
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={WORLD_SIZE}"]
+    cmd += [f"--main_process_port={port}", "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no"]
     cmd += [str(WORKER), "--out", str(out)]
     proc = subprocess.Popen(
         cmd,
@@ -76,7 +86,7 @@ def run(tmp_path_factory):
     try:
         output, _ = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and the ranks it started
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the ranks it started
         output, _ = proc.communicate()
         pytest.fail(f"2-rank run did not finish in 300 s:\n{output[-6000:]}")
     assert proc.returncode == 0, f"2-rank run failed (exit {proc.returncode}):\n{output[-6000:]}"
