@@ -349,6 +349,9 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
             The KV cache to continue (named `past_key_values` before transformers 5.24; either name works).
         stitch (`int`, *optional*):
             Index of the stitch to run for this call; defaults to the active stitch (`set_stitch`).
+        output_attentions (`bool`, *optional*):
+            Return `attentions`: one `[batch, heads, seq, keys]` tensor per layer the stitch runs, with that layer's
+            anchor's head count. Needs the eager attention (`attn_implementation="eager"`).
         output_hidden_states (`bool`, *optional*):
             Return `hidden_states`: the embeddings, then the input of every later layer the stitch runs, then the
             final normed state, as a plain model does. A hybrid's entries are `small` wide up to its `n`-th entry
@@ -403,6 +406,16 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
             self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         )
         all_hidden_states = [] if output_hidden_states else None  # each [batch, seq, width of its layer]
+        output_attentions = kwargs.pop("output_attentions", None)
+        output_attentions = self.config.output_attentions if output_attentions is None else output_attentions
+        all_attentions: list[torch.Tensor | None] = []  # each [batch, heads of its layer, seq, keys]
+        hooks = []
+        if output_attentions:
+            # Decoder layers return the hidden state alone: take each attention's weights as it returns them.
+            for anchor, layer_ids in segments:
+                for i in layer_ids:
+                    attention = anchor.model.layers[i].self_attn
+                    hooks.append(attention.register_forward_hook(lambda m, a, out: all_attentions.append(out[1])))
         hidden_states = inputs_embeds
         slot = 0  # the active stitch's layers fill cache slots 0, 1, ... in the order they run
         try:
@@ -434,6 +447,14 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
             for anchor, layer_ids in segments:
                 for i in layer_ids:
                     anchor.model.layers[i].self_attn.layer_idx = i
+            for hook in hooks:
+                hook.remove()
+        if output_attentions and any(a is None for a in all_attentions):
+            raise ValueError(
+                f"output_attentions=True needs attention weights, which the {self.config._attn_implementation!r} "
+                "attention does not compute: load the palette with attn_implementation='eager' (or call "
+                "`palette.set_attn_implementation('eager')`)."
+            )
 
         hidden_states = exit_.model.norm(hidden_states)
         if all_hidden_states is not None:
@@ -448,6 +469,7 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
             loss=loss,
             logits=logits,
             hidden_states=tuple(all_hidden_states) if all_hidden_states is not None else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
             last_hidden_state=hidden_states,
             **{CACHE_KEY: cache},
         )

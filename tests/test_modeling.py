@@ -222,3 +222,26 @@ def test_return_dict_false_returns_a_tuple():
     reference = palette(x, labels=x, stitch=1)
     torch.testing.assert_close(out[0], reference.loss)
     torch.testing.assert_close(out[1], reference.logits)
+
+
+@torch.no_grad()
+def test_attentions_match_the_plain_anchors_and_count_the_layers_run():
+    palette, (small, large) = build_palette("llama", anchor_kwargs={"attn": "eager"})
+    x = prompt()
+    for stitch, plain in ((0, small), (-1, large)):
+        ours = palette(x, stitch=stitch, output_attentions=True).attentions
+        theirs = plain(x, output_attentions=True).attentions
+        assert len(ours) == len(theirs) == plain.config.num_hidden_layers
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for k in range(1, palette.num_stitches - 1):
+        n, _ = palette.config.stitches[k]
+        attentions = palette(x, stitch=k, output_attentions=True).attentions
+        heads = [a.shape[1] for a in attentions]
+        assert heads == [small.config.num_attention_heads] * n + [large.config.num_attention_heads] * (
+            palette.config.num_layers(k) - n
+        ), k
+    assert palette(x, stitch=1).attentions is None
+    sdpa, _ = build_palette("llama")
+    with pytest.raises(ValueError, match="attn_implementation='eager'"):
+        sdpa(x, stitch=1, output_attentions=True)
