@@ -9,6 +9,7 @@
    the same text batches (healing on generic text, every token scored):
    - `esta-importance`: shared LoRA + stitch biases, SNIP importance sampling (the paper);
    - `esta-uniform`: the same, uniform sampling;
+   - `esta-loss-gap`: the same, sampling by how far a stitch's running loss lies above the cheaper stitches';
    - `esta-distill`: uniform sampling, loss mixed with distillation from the frozen large anchor;
    - `snnet-full`: SN-Net direct adaptation (every anchor weight trained, uniform);
    - `lora-per-stitch`: one LoRA per stitch, each given the whole step budget (the upper reference, and the
@@ -39,6 +40,7 @@ from _paths import TEXT_DIR, resolve_cache_dir  # noqa: E402
 METHODS = {  # name -> StitchTrainingArguments overrides
     "esta-importance": dict(method="esta", sampling="importance"),
     "esta-uniform": dict(method="esta", sampling="uniform"),
+    "esta-loss-gap": dict(method="esta", sampling="loss-gap"),
     "esta-distill": dict(method="esta", sampling="uniform", distill_alpha=0.5, distill_temperature=1.0),
     "snnet-full": dict(method="snnet-full", sampling="uniform"),
 }

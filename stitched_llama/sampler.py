@@ -6,30 +6,39 @@ After a warm-up that visits every stitch in turn, `p(s) = (1 - eps) * softmax(z(
 the importances standardised across stitches. The sampler draws from its own seeded generator, so every
 data-parallel rank that feeds it the same (all-reduced) gradients draws the same stitches, and its whole
 state (importance, counts, generator) goes into checkpoints for an exact resume.
+
+`loss-gap` sampling scores a stitch instead by how far its running training loss lies above the best running loss
+of the stitches that cost no more than it does: a stitch far above that frontier is the one training can still
+move onto it. It needs no extra evaluation, only the losses the steps already computed.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import torch
+
+MODES = ("importance", "uniform", "loss-gap")
 
 
 class StitchSampler:
     def __init__(
         self,
         num_stitches: int,
-        mode: Literal["uniform", "importance"] = "importance",
+        mode: Literal["uniform", "importance", "loss-gap"] = "importance",
         ema: float = 0.9,
         temperature: float = 1.0,
         eps: float = 0.2,
         warmup_steps: int | None = None,
         seed: int = 0,
+        costs: Sequence[float] | None = None,
     ) -> None:
-        if mode not in ("uniform", "importance"):
-            raise ValueError(f"Unknown sampling mode {mode!r}: use 'uniform' or 'importance'.")
+        if mode not in MODES:
+            raise ValueError(f"Unknown sampling mode {mode!r}: use one of {', '.join(MODES)}.")
+        if mode == "loss-gap" and (costs is None or len(costs) != num_stitches):
+            raise ValueError("loss-gap sampling needs the cost of every stitch (`costs`, one per stitch).")
         if not 0.0 <= ema < 1.0:
             raise ValueError(f"ema={ema} must be in [0, 1): it is the weight of the previous importance.")
         if temperature <= 0:
@@ -46,6 +55,8 @@ class StitchSampler:
         self.importance = [0.0] * num_stitches
         self.scored = [False] * num_stitches
         self.counts = [0] * num_stitches
+        self.costs = list(costs) if costs is not None else None
+        self.losses: list[float | None] = [None] * num_stitches  # running training loss per stitch
         self.generator = torch.Generator().manual_seed(seed)
 
     @property
@@ -62,9 +73,9 @@ class StitchSampler:
     def sample(self, step: int) -> int:
         """The stitch for optimizer step `step`: round-robin during warm-up, then any stitch not scored yet,
         then drawn from `probabilities`."""
-        if self.mode == "importance" and step < self.warmup_steps:
+        if self.mode != "uniform" and step < self.warmup_steps:
             stitch = step % self.num_stitches
-        elif self.mode == "importance" and not all(self.scored):
+        elif self.mode != "uniform" and not all(self.scored):
             # A stitch first trained while LoRA B was still zero scored nothing: give it another turn.
             stitch = self.scored.index(False)
         else:
@@ -72,6 +83,22 @@ class StitchSampler:
             stitch = int(torch.multinomial(p, 1, generator=self.generator))
         self.counts[stitch] += 1
         return stitch
+
+    def update_loss(self, stitch: int, loss: float) -> None:
+        """Fold this step's training loss into the running loss of `stitch`; in `loss-gap` mode, the importance of
+        every stitch is then how far its running loss lies above the frontier of the cheaper stitches."""
+        previous = self.losses[stitch]
+        self.losses[stitch] = loss if previous is None else self.ema * previous + (1 - self.ema) * loss
+        if self.mode != "loss-gap":
+            return
+        self.scored[stitch] = True
+        for k, own in enumerate(self.losses):
+            cheaper = [
+                other
+                for t, other in enumerate(self.losses)
+                if t != k and other is not None and self.costs[t] <= self.costs[k]
+            ]
+            self.importance[k] = max(0.0, own - min(cheaper)) if own is not None and cheaper else 0.0
 
     def update(self, stitch: int, parameters: Iterable[torch.nn.Parameter]) -> float:
         """Fold the SNIP saliency of this step's gradients into the importance of `stitch`; returns the saliency."""
@@ -96,6 +123,7 @@ class StitchSampler:
             "importance": list(self.importance),
             "scored": list(self.scored),
             "counts": list(self.counts),
+            "losses": list(self.losses),
             "generator": self.generator.get_state().tolist(),
             "num_stitches": self.num_stitches,
         }
@@ -109,6 +137,7 @@ class StitchSampler:
         self.importance = list(state["importance"])
         self.scored = list(state["scored"])
         self.counts = list(state["counts"])
+        self.losses = list(state.get("losses", [None] * self.num_stitches))  # absent from older checkpoints
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
 
 

@@ -39,7 +39,7 @@ SAMPLER_STATE = "stitch_sampler.json"
 MANIFEST = "stitch_manifest.json"
 TRAINABLE_EXTRAS = "stitch_trainable.safetensors"
 REPORT = "esta_report.json"
-SAMPLINGS = ("importance", "uniform")
+SAMPLINGS = ("importance", "uniform", "loss-gap")
 
 
 @dataclass
@@ -56,7 +56,11 @@ class StitchTrainingArguments(TrainingArguments):
     )
     sampling: str = field(
         default="importance",
-        metadata={"help": "How the stitch of each step is drawn.", "choices": list(SAMPLINGS)},
+        metadata={
+            "help": "How the stitch of each step is drawn: `importance` (SNIP saliency, the paper), `uniform`, or "
+            "`loss-gap` (how far a stitch's running training loss lies above that of the cheaper stitches).",
+            "choices": list(SAMPLINGS),
+        },
     )
     importance_ema: float = field(
         default=0.9, metadata={"help": "Weight of the previous importance in its moving average."}
@@ -213,6 +217,7 @@ class StitchTrainerMixin:
             eps=args.importance_eps,
             warmup_steps=args.stitch_warmup_steps,
             seed=args.seed,
+            costs=[self.palette.config.stitch_cost(k).flops_per_token for k in range(self.palette.num_stitches)],
         )
         self.stitch_history: list[int] = []
         self._step_stitch: int | None = None
@@ -312,9 +317,17 @@ class StitchTrainerMixin:
                 f"{self._step_stitch}; {len(bad)} tensors in all): training stopped before the optimizer step and no "
                 "checkpoint was written over the last good one. Lower the learning rate or set max_grad_norm."
             )
-        skip = "stitch_biases" if self.args.saliency_params == "shared" else None
-        params = [p for n, p in trainable if skip is None or skip not in n]
-        self.sampler.update(self._step_stitch, params)
+        if self.sampler.mode != "loss-gap":  # uniform sampling keeps the SNIP score too: deployment reads it
+            skip = "stitch_biases" if self.args.saliency_params == "shared" else None
+            params = [p for n, p in trainable if skip is None or skip not in n]
+            self.sampler.update(self._step_stitch, params)
+        step_loss = self._step_loss
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Every rank must see the same losses, or their samplers would draw different stitches.
+            total = torch.tensor([step_loss], dtype=torch.float64, device=self.args.device)
+            torch.distributed.all_reduce(total)
+            step_loss = float(total) / torch.distributed.get_world_size()
+        self.sampler.update_loss(self._step_stitch, step_loss)
         self._stitch_losses[self._step_stitch].append(self._step_loss)
         self._step_loss = 0.0
 
@@ -431,9 +444,11 @@ class StitchTrainerMixin:
         """Choose the stitches to deploy (docs/training.md), store them in the config and write the JSON report."""
         config = self.palette.config
         costs = [config.stitch_cost(k) for k in range(self.palette.num_stitches)]
-        chosen = select_stitches_to_deploy(
-            [c.flops_per_token for c in costs], self.sampler.importance, self.args.num_deployed_stitches
-        )
+        # loss-gap's importance says where training is needed, not what is good: deploy by running loss there.
+        scores = self.sampler.importance
+        if self.sampler.mode == "loss-gap":
+            scores = [-loss if loss is not None else -math.inf for loss in self.sampler.losses]
+        chosen = select_stitches_to_deploy([c.flops_per_token for c in costs], scores, self.args.num_deployed_stitches)
         config.deployed_stitches = chosen
         config.stitch_importance = list(self.sampler.importance)
         metrics = {}
