@@ -274,11 +274,15 @@ class StitchTrainerMixin:
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """Cross-entropy from `Trainer`, mixed in training with distillation from the frozen large anchor
         (`distill_alpha`; see `stitched_llama.distillation`). Evaluation losses stay cross-entropy."""
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         alpha = self.args.distill_alpha
         stitch = inputs.get("stitch")
         large = self.palette.num_stitches - 1
-        if alpha > 0 and model.training and stitch is not None and stitch % self.palette.num_stitches != large:
+        distill = alpha > 0 and model.training and stitch is not None and stitch % self.palette.num_stitches != large
+        # Ask for the outputs only when they are used: TRL's fused head builds the logits with an extra pass.
+        wants = return_outputs or distill
+        result = super().compute_loss(model, inputs, return_outputs=wants, num_items_in_batch=num_items_in_batch)
+        loss, outputs = result if wants else (result, None)
+        if distill:
             ids, logprobs = self._teacher(model, inputs)
             kd = distillation_loss(
                 outputs.logits, ids, logprobs, inputs["labels"], self.args.distill_temperature, num_items_in_batch

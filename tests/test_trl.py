@@ -34,7 +34,7 @@ def chat_tokenizer(tiny_tokenizer):
 def sft_args(tmp_path, cls=trl.SFTConfig, **kwargs):
     defaults = dict(
         output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=2,
-        save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
+        save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0, bf16=False,
     )  # fmt: skip
     return cls(**{**defaults, **kwargs})
 
