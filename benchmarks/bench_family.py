@@ -155,6 +155,30 @@ def run_method(name: str, seed: int, spec: dict, data: dict, args) -> dict:
     return {"method": name, "seed": seed, "seconds": round(time.perf_counter() - t0), "stitches": rows}
 
 
+def run_curve(name: str, seed: int, spec: dict, data: dict, args) -> dict:
+    """One long run of `name`, evaluating every stitch every `--curve-every` steps: quality against tokens."""
+    from transformers import TrainerCallback
+
+    from stitched_llama.trainer import StitchTrainer
+
+    torch.manual_seed(seed)
+    palette = fresh_palette(spec, args)
+    targs = training_args(args.out / "tmp", seed, args.curve_steps, args, **METHODS[name])
+    points = []
+
+    class Curve(TrainerCallback):
+        def on_step_end(self, targs_, state, control, model=None, **kwargs):
+            if state.global_step % args.curve_every == 0:
+                rows = evaluate(model, data)
+                tokens = state.global_step * args.batch_size * args.block
+                points.append({"step": state.global_step, "tokens": tokens, "stitches": rows})
+                log(f"curve {name} step {state.global_step}: " + ", ".join(f"{r['name']}: {r['perplexity']:.1f}" for r in rows))
+
+    trainer = StitchTrainer(model=palette, args=targs, train_dataset=data["train"], callbacks=[Curve()])
+    trainer.train()
+    return {"method": name, "seed": seed, "points": points}
+
+
 def search(data: dict, args) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -243,6 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--test-rows", type=int, default=48)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--report", action="store_true", help="only write family.md from results.json")
+    p.add_argument("--curve-methods", nargs="*", default=[], choices=list(METHODS), help="long runs, evaluated as they go")
+    p.add_argument("--curve-steps", type=int, default=1500)
+    p.add_argument("--curve-every", type=int, default=250)
     args = p.parse_args(argv)
     if args.report:
         report(args.out)
@@ -275,6 +302,13 @@ def main(argv: list[str] | None = None) -> None:
         old = json.loads(path.read_text())
         if old.get("search", {}).get("stitches") == results["search"]["stitches"]:
             results["runs"] = old["runs"]
+    if args.curve_methods:  # quality against training tokens, written to curve.json as each run ends
+        curve_path = args.out / "curve.json"
+        curve = {"settings": results["settings"] | {"curve_steps": args.curve_steps}, "runs": []}
+        for method in args.curve_methods:
+            curve["runs"].append(run_curve(method, args.seeds[0], spec, data, args))
+            curve_path.write_text(json.dumps(curve, indent=1) + "\n")
+        return
     done = {(r["method"], r["seed"]) for r in results["runs"]}
     path.write_text(json.dumps(results, indent=1) + "\n")
     for seed in sorted(set(args.seeds) | set(args.per_stitch_seeds)):
