@@ -172,7 +172,10 @@ def run_curve(name: str, seed: int, spec: dict, data: dict, args) -> dict:
                 rows = evaluate(model, data)
                 tokens = state.global_step * args.batch_size * args.block
                 points.append({"step": state.global_step, "tokens": tokens, "stitches": rows})
-                log(f"curve {name} step {state.global_step}: " + ", ".join(f"{r['name']}: {r['perplexity']:.1f}" for r in rows))
+                log(
+                    f"curve {name} step {state.global_step}: "
+                    + ", ".join(f"{r['name']}: {r['perplexity']:.1f}" for r in rows)
+                )
 
     trainer = StitchTrainer(model=palette, args=targs, train_dataset=data["train"], callbacks=[Curve()])
     trainer.train()
@@ -267,7 +270,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--test-rows", type=int, default=48)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--report", action="store_true", help="only write family.md from results.json")
-    p.add_argument("--curve-methods", nargs="*", default=[], choices=list(METHODS), help="long runs, evaluated as they go")
+    p.add_argument(
+        "--curve-methods", nargs="*", default=[], choices=list(METHODS), help="long runs, evaluated as they go"
+    )
     p.add_argument("--curve-steps", type=int, default=1500)
     p.add_argument("--curve-every", type=int, default=250)
     args = p.parse_args(argv)

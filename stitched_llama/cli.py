@@ -1121,7 +1121,7 @@ def _parser() -> argparse.ArgumentParser:
         "held-out Python docs (table + Pareto plot) -> greedy continuations. Everything is saved under --out.",
     )
     p.add_argument("--out", default=os.path.join("outputs", "demo"), metavar="DIR", help="default ./outputs/demo")
-    p.add_argument("--steps", type=int, default=120, help="ESTA training steps (default 120)")
+    p.add_argument("--steps", type=int, default=400, help="ESTA training steps (default 400)")
     p.add_argument("--learning-rate", type=float, default=2e-3, help="ESTA peak learning rate (default 2e-3)")
     p.add_argument(
         "--distill-alpha", type=float, default=0.5, help="weight of distillation from the large anchor (default 0.5)"

@@ -67,7 +67,7 @@ def _text(name: str) -> list[str]:
 
 def run_demo(
     out: str | Path,
-    steps: int = 120,
+    steps: int = 400,
     learning_rate: float = 2e-3,
     distill_alpha: float = 0.5,
     seed: int = 0,
