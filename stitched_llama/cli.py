@@ -955,6 +955,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of errors")
     parser.add_argument("--verbose", action="store_true", help="show the library's info logs")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.command_parsers = {}  # name -> its parser, for the usage line printed with a user error
 
     def command(name: str, func, description: str, **kwargs) -> argparse.ArgumentParser:
         p = commands.add_parser(
@@ -966,6 +967,7 @@ def _parser() -> argparse.ArgumentParser:
             **kwargs,
         )
         p.set_defaults(func=func)
+        parser.command_parsers[name] = p
         return p
 
     p = command(
@@ -1157,6 +1159,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CliError, ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError) as error:
         if args.debug:
             raise
+        # As argparse reports its own errors: the command's usage, then one line saying what is wrong.
+        usage = _train_parser() if args.command == "train" else parser.command_parsers[args.command]
+        print(usage.format_usage().rstrip(), file=sys.stderr)
         print(f"stitched-llama {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -306,4 +306,7 @@ def test_user_errors_exit_2_with_one_line(ws, error_runs):
         assert "Traceback" not in result.stderr, (args, result.stderr[-2000:])
         errors = [line for line in lines if line.startswith(f"stitched-llama {args[0]}: error: ")]
         assert len(errors) == 1 and message in errors[0], (args, lines)
+        # The command's usage comes first, as with argparse's own errors.
+        usage = [i for i, line in enumerate(lines) if line.startswith(f"usage: stitched-llama {args[0]}")]
+        assert usage and usage[0] < lines.index(errors[0]), (args, lines)
     assert not (ws / "never-written").exists()
