@@ -653,8 +653,13 @@ def _write_model_card(palette: StitchedLlamaForCausalLM, folder: str, **kwargs: 
     card.write_model_card(palette, folder, **kwargs)
 
 
-def check_finite(named_tensors: Iterable[tuple[str, torch.Tensor]], action: str) -> None:
-    """Raise `FloatingPointError` naming the first tensor that holds NaN or inf (and its stitch, for a bias)."""
+def check_finite(
+    named_tensors: Iterable[tuple[str, torch.Tensor]], action: str, what: str = "Tensor", when: str = ""
+) -> None:
+    """Raise `FloatingPointError` naming the first tensor that holds NaN or inf (and its stitch, for a bias).
+
+    `what` names the tensors ("Trainable tensor"), `when` says where it was found (" at step 4 (stitch 2)").
+    """
     named = [(n, t) for n, t in named_tensors if t.is_floating_point()]
     if not named or torch.stack([t.detach().isfinite().all() for _, t in named]).all():
         return
@@ -662,7 +667,7 @@ def check_finite(named_tensors: Iterable[tuple[str, torch.Tensor]], action: str)
     stitch = re.search(r"stitch_biases\.(\d+)\.", bad[0])
     where = f" (the bias of stitch {stitch.group(1)})" if stitch else ""
     raise FloatingPointError(
-        f"Tensor {bad[0]}{where} holds NaN or inf ({len(bad)} tensors in all): {action}. Lower the learning "
+        f"{what} {bad[0]}{where} holds NaN or inf{when} ({len(bad)} tensors in all): {action}. Lower the learning "
         "rate or set max_grad_norm, and resume from the last good checkpoint."
     )
 

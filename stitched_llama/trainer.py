@@ -314,13 +314,12 @@ class StitchTrainerMixin:
     def _score_step(self) -> None:
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         # A NaN in a weight the step's stitch does not run leaves its loss finite: check every trainable tensor.
-        if not torch.stack([p.detach().isfinite().all() for _, p in trainable]).all():
-            bad = [n for n, p in trainable if not p.detach().isfinite().all()]
-            raise FloatingPointError(
-                f"Trainable tensor {bad[0]} holds NaN or inf at step {self.state.global_step} (stitch "
-                f"{self._step_stitch}; {len(bad)} tensors in all): training stopped before the optimizer step and no "
-                "checkpoint was written over the last good one. Lower the learning rate or set max_grad_norm."
-            )
+        check_finite(
+            trainable,
+            "training stopped before the optimizer step, and no checkpoint was written over the last good one",
+            what="Trainable tensor",
+            when=f" at step {self.state.global_step} (stitch {self._step_stitch})",
+        )
         if self.sampler.mode != "loss-gap":  # uniform sampling keeps the SNIP score too: deployment reads it
             skip = "stitch_biases" if self.args.saliency_params == "shared" else None
             params = [p for n, p in trainable if skip is None or skip not in n]
