@@ -34,6 +34,7 @@ class StitchSampler:
         warmup_steps: int | None = None,
         seed: int = 0,
         costs: Sequence[float] | None = None,
+        stitches: Sequence[int] | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"Unknown sampling mode {mode!r}: use one of {', '.join(MODES)}.")
@@ -45,13 +46,19 @@ class StitchSampler:
             raise ValueError(f"temperature={temperature} must be positive.")
         if not 0.0 <= eps <= 1.0:
             raise ValueError(f"eps={eps} must be in [0, 1]: it is the share of uniform sampling kept.")
+        stitches = list(range(num_stitches)) if stitches is None else sorted(set(stitches))
+        if not stitches or not all(isinstance(k, int) and 0 <= k < num_stitches for k in stitches):
+            raise ValueError(
+                f"stitches={stitches} must be a non-empty list of stitch indices in 0..{num_stitches - 1}."
+            )
         self.num_stitches = num_stitches
+        self.stitches = stitches  # the stitches that are trained; the others are never drawn
         self.mode = mode
         self.ema = ema
         self.temperature = temperature
         self.eps = eps
         # Saliency of zero-initialised LoRA B and biases is zero at first: visit every stitch before trusting it.
-        self.warmup_steps = num_stitches if warmup_steps is None else warmup_steps
+        self.warmup_steps = len(stitches) if warmup_steps is None else warmup_steps
         self.importance = [0.0] * num_stitches
         self.scored = [False] * num_stitches
         self.counts = [0] * num_stitches
@@ -61,23 +68,31 @@ class StitchSampler:
 
     @property
     def probabilities(self) -> list[float]:
-        uniform = [1.0 / self.num_stitches] * self.num_stitches
-        if self.mode == "uniform" or not all(self.scored):
-            return uniform
-        values = torch.tensor(self.importance, dtype=torch.float64)
-        std = values.std(unbiased=False)
-        z = (values - values.mean()) / std if std > 0 else torch.zeros_like(values)
-        p = (1 - self.eps) * torch.softmax(z / self.temperature, dim=0) + self.eps / self.num_stitches
-        return p.tolist()
+        """`[num_stitches]`: the chance of each stitch at the next draw (0 for the stitches not trained)."""
+        k = len(self.stitches)
+        if self.mode == "uniform" or not all(self.scored[s] for s in self.stitches):
+            p = torch.full((k,), 1.0 / k, dtype=torch.float64)
+        else:
+            values = torch.tensor([self.importance[s] for s in self.stitches], dtype=torch.float64)
+            std = values.std(unbiased=False)
+            z = (values - values.mean()) / std if std > 0 else torch.zeros_like(values)
+            p = (1 - self.eps) * torch.softmax(z / self.temperature, dim=0) + self.eps / k
+        full = [0.0] * self.num_stitches
+        for s, value in zip(self.stitches, p.tolist()):
+            full[s] = value
+        return full
 
     def sample(self, step: int) -> int:
         """The stitch for optimizer step `step`: round-robin during warm-up, then any stitch not scored yet,
         then drawn from `probabilities`."""
-        if self.mode != "uniform" and step < self.warmup_steps:
-            stitch = step % self.num_stitches
-        elif self.mode != "uniform" and not all(self.scored):
+        unscored = [s for s in self.stitches if not self.scored[s]]
+        if len(self.stitches) == 1:
+            stitch = self.stitches[0]
+        elif self.mode != "uniform" and step < self.warmup_steps:
+            stitch = self.stitches[step % len(self.stitches)]
+        elif self.mode != "uniform" and unscored:
             # A stitch first trained while LoRA B was still zero scored nothing: give it another turn.
-            stitch = self.scored.index(False)
+            stitch = unscored[0]
         else:
             p = torch.tensor(self.probabilities, dtype=torch.float64)
             stitch = int(torch.multinomial(p, 1, generator=self.generator))

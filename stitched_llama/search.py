@@ -98,12 +98,16 @@ def candidate_stitches(
     config: StitchedLlamaConfig,
     blocks: Sequence[tuple[int, int]] = (),
     spread: int = 1,
+    every: int = 1,
 ) -> list[tuple[int, ...]]:
-    """SN-Net's stitches, their neighbours `n +- spread`, the large anchor with each block of `blocks` skipped,
-    and each hybrid that enters the large anchor before a block with that block skipped as well."""
+    """SN-Net's stitches (every `every`-th of them, for deep anchors whose full list would take long to measure),
+    their neighbours `n +- spread`, the large anchor with each block of `blocks` skipped, and each hybrid that
+    enters the large anchor before a block with that block skipped as well."""
+    if every < 1 or spread < 0:
+        raise ValueError(f"every={every} must be at least 1 and spread={spread} at least 0.")
     n_small, n_large = config.small_config.num_hidden_layers, config.large_config.num_hidden_layers
     pairs = set()
-    for n, j in default_stitches(n_small, n_large)[1:-1]:
+    for n, j in default_stitches(n_small, n_large)[1:-1][::every]:
         for dn in range(-spread, spread + 1):
             if 1 <= n + dn <= n_small:
                 pairs.add((n + dn, j))

@@ -83,6 +83,13 @@ class StitchTrainingArguments(TrainingArguments):
             "choices": ["shared", "all"],
         },
     )
+    train_stitches: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated indices of the stitches to train (default: all). One index fine-tunes that "
+            "stitch alone, e.g. to compare with tuning each size separately."
+        },
+    )
     num_deployed_stitches: int = field(
         default=4,
         metadata={
@@ -155,6 +162,12 @@ class StitchTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if value is not None and value < low:
                 raise ValueError(f"{name}={value} must be at least {low}.")
+        if self.train_stitches is not None and not all(
+            part.strip().lstrip("-").isdigit() for part in self.train_stitches.split(",")
+        ):
+            raise ValueError(
+                f"train_stitches={self.train_stitches!r} must be comma-separated stitch indices, e.g. '0' or '0,3'."
+            )
         if not any(m.strip() for m in self.lora_target_modules.split(",")):
             raise ValueError(
                 f"lora_target_modules={self.lora_target_modules!r} names no module: pass e.g. 'q_proj,v_proj'."
@@ -167,6 +180,24 @@ class StitchTrainingArguments(TrainingArguments):
                 "method='esta' or 'lora-no-bias'."
             )
         self.esta_config()  # the LoRA fields are checked where they are used
+
+    def stitch_indices(self, num_stitches: int) -> list[int] | None:
+        """`train_stitches` as indices into a palette of `num_stitches` (negative ones count from the end)."""
+        if self.train_stitches is None:
+            return None
+        indices = []
+        for part in self.train_stitches.split(","):
+            try:
+                k = int(part)
+            except ValueError:
+                k = None
+            if k is None or not -num_stitches <= k < num_stitches:
+                raise ValueError(
+                    f"train_stitches={self.train_stitches!r}: {part!r} is not a stitch index of this palette; "
+                    f"use comma-separated integers in {-num_stitches}..{num_stitches - 1}."
+                )
+            indices.append(k % num_stitches)
+        return indices
 
     def esta_config(self) -> EstaConfig:
         return EstaConfig(
@@ -218,6 +249,7 @@ class StitchTrainerMixin:
             warmup_steps=args.stitch_warmup_steps,
             seed=args.seed,
             costs=[self.palette.config.stitch_cost(k).flops_per_token for k in range(self.palette.num_stitches)],
+            stitches=args.stitch_indices(self.palette.num_stitches),
         )
         self.stitch_history: list[int] = []
         self._step_stitch: int | None = None

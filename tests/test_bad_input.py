@@ -75,6 +75,7 @@ CASES = {  # id -> (factory of the call given tmp_path, exception, word in the m
         "importance_temperature",
     ),
     "importance_eps above 1": (lambda t: arguments(t, importance_eps=2), ValueError, "importance_eps"),
+    "train_stitches not integers": (lambda t: arguments(t, train_stitches="0,large"), ValueError, "train_stitches"),
     "negative distill_alpha": (lambda t: arguments(t, distill_alpha=-0.1), ValueError, "distill_alpha"),
 }
 

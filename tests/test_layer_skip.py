@@ -162,3 +162,14 @@ def test_search_keeps_the_best_stitch_per_budget():
     assert [r["name"] for r in again] == [r["name"] for r in kept]
     for new, old in zip(again, kept):
         assert new["loss"] == pytest.approx(old["loss"], rel=1e-5)
+
+
+def test_candidates_thin_out_snnet_stitches_with_every():
+    small, large = make_pair("llama")
+    config = StitchedLlamaConfig(small_config=small.config, large_config=large.config)
+    every_one = candidate_stitches(config, spread=0)
+    every_two = candidate_stitches(config, spread=0, every=2)
+    assert every_two == every_one[::2] and len(every_two) < len(every_one)
+    for bad in (dict(every=0), dict(spread=-1)):
+        with pytest.raises(ValueError, match="must be at least"):
+            candidate_stitches(config, **bad)

@@ -207,3 +207,27 @@ def test_deployment_picks_the_most_important_per_cost_interval():
     importance = [0, 5, 1, 0, 9, 2, 1, 0]
     # parts of width 3: costs 1-3 -> stitch 1, 4-6 -> stitch 4, 7-10 -> stitch 6 (importance 1 beats 0)
     assert select_stitches_to_deploy(costs, importance, 3) == [0, 1, 4, 6, 7]
+
+
+def test_sampler_draws_only_from_its_subset():
+    sampler = StitchSampler(5, seed=0, stitches=[1, 3, 4])
+    assert [sampler.sample(i) for i in range(3)] == [1, 3, 4]  # warm-up: the subset in turn
+    sampler.importance, sampler.scored = [9.0, 1.0, 9.0, 2.0, 3.0], [True] * 5
+    probabilities = sampler.probabilities
+    assert probabilities[0] == probabilities[2] == 0.0 and sum(probabilities) == pytest.approx(1.0)
+    assert {sampler.sample(i) for i in range(3, 60)} <= {1, 3, 4}
+    assert {StitchSampler(5, stitches=[2]).sample(i) for i in range(10)} == {2}
+    for bad in ([], [5], [-1], [1.0]):
+        with pytest.raises(ValueError, match="must be a non-empty list of stitch indices in 0..4"):
+            StitchSampler(5, stitches=bad)
+
+
+def test_train_stitches_trains_that_stitch_alone(tmp_path):
+    palette, _ = build_palette("llama")
+    last = palette.num_stitches - 1
+    trainer = make_trainer(tmp_path, palette=palette, max_steps=5, train_stitches="-1")
+    trainer.train()
+    assert trainer.stitch_history == [last] * 5
+    assert trainer.sampler.counts == [0] * last + [5]
+    with pytest.raises(ValueError, match=rf"'{last + 1}' is not a stitch index of this palette.*-{last + 1}..{last}"):
+        make_trainer(tmp_path, train_stitches=f"0,{last + 1}")

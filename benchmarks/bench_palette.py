@@ -1,0 +1,413 @@
+"""Every method on one anchor pair, with the same data and the same budget: the small pretrained family
+(`pretrain_family.py`, the default) or the real Qwen2.5-Coder 0.5B/1.5B pair (`prepare_anchors.py`).
+
+    python benchmarks/bench_palette.py --out docs/results/family --seeds 0 1 2 --steps 250
+    python benchmarks/bench_palette.py --pair qwen --out docs/results/qwen --methods esta-distill lora-per-stitch
+
+1. **Search.** Fit every candidate stitch (SN-Net's, their neighbours, and the large anchor with the block of 1, 2
+   or 3 layers that changes its state least, alone and after a stitch), measure held-out loss on a validation
+   slice, and keep the best stitch per FLOPs budget (`stitched_llama.search.search_palette`).
+2. **Train** that palette, from the same least-squares start, with each method for `--steps` optimizer steps of
+   the same text batches (healing on generic text, every token scored):
+   - `esta-importance`: shared LoRA + stitch biases, SNIP importance sampling (the paper);
+   - `esta-uniform`: the same, uniform sampling;
+   - `esta-loss-gap`: the same, sampling by how far a stitch's running loss lies above the cheaper stitches';
+   - `esta-distill`: uniform sampling, loss mixed with distillation from the frozen large anchor;
+   - `snnet-full`: SN-Net direct adaptation (every anchor weight trained, uniform);
+   - `lora-per-stitch`: one LoRA per stitch, each given the whole step budget (the upper reference, and the
+     "tune each size separately" baseline: it includes the anchors and the layer-dropped large anchor).
+3. **Evaluate** every stitch on the held-out Python docs (test slice, never seen by the search), and on
+   held-out Shakespeare (family) or the answers of WordNet test records (Qwen).
+
+`--pair` sets the defaults of the other options for that pair (the Qwen ones fit a CPU run of about 90 minutes);
+any option given on the command line wins. `--eval-every N` also measures every stitch every N steps of each run
+(quality against training tokens), and `--per-stitch-kinds` limits the per-stitch LoRA to some kinds of stitch.
+
+Results go to `<out>/results.json` after every run, so a stopped run keeps what it finished; `--report` writes
+`<out>/report.md` (means and spread over seeds) from them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _paths import QWEN_LARGE_DIR, QWEN_SMALL_DIR, TEXT_DIR, WORDNET_DIR, resolve_cache_dir  # noqa: E402
+
+FAMILY = ROOT / "stitched_llama/assets/family"
+PAIRS = {  # --pair -> defaults of the other options
+    "family": dict(
+        small=str(FAMILY / "small"),
+        large=str(FAMILY / "large"),
+        out=str(ROOT / "docs/results/family"),
+        steps=300,
+        batch_size=8,
+        learning_rate=2e-3,
+        skip_sizes=[1, 2, 3],
+        every=1,
+        spread=1,
+        budgets=6,
+        calibration_rows=64,
+        validation_rows=24,
+        test_rows=48,
+        second_test="shakespeare",
+    ),
+    "qwen": dict(
+        small=QWEN_SMALL_DIR,
+        large=QWEN_LARGE_DIR,
+        out=str(ROOT / "docs/results/qwen"),
+        steps=200,
+        batch_size=2,
+        learning_rate=5e-4,
+        skip_sizes=[2, 4, 6, 10],
+        every=3,
+        spread=0,
+        budgets=5,
+        calibration_rows=32,
+        validation_rows=2,
+        test_rows=8,
+        second_test="wordnet",
+    ),
+}
+
+METHODS = {  # name -> StitchTrainingArguments overrides
+    "esta-importance": dict(method="esta", sampling="importance"),
+    "esta-uniform": dict(method="esta", sampling="uniform"),
+    "esta-loss-gap": dict(method="esta", sampling="loss-gap"),
+    "esta-distill": dict(method="esta", sampling="uniform", distill_alpha=0.5, distill_temperature=1.0),
+    "snnet-full": dict(method="snnet-full", sampling="uniform"),
+}
+PER_STITCH = "lora-per-stitch"
+
+
+def log(msg: str) -> None:
+    print(f"[bench_palette {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def blocks(tokenizer, path: Path, block: int, start: int, count: int) -> list[dict]:
+    ids = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    rows = [ids[i : i + block] for i in range(0, len(ids) - block + 1, block)][start : start + count]
+    return [{"input_ids": r, "attention_mask": [1] * block, "labels": r} for r in rows]
+
+
+def load_data(cache: Path, tokenizer, args) -> dict:
+    from datasets import Dataset
+
+    from stitched_llama.data import tokenize_texts
+
+    text = cache / TEXT_DIR
+    train_texts = []
+    for name in ("python_docs_calib.txt", "shakespeare_train.txt"):
+        train_texts += text.joinpath(name).read_text(encoding="utf-8")[: args.train_chars].split("\n\n\n")
+    train = tokenize_texts(train_texts, tokenizer, block_size=args.block)
+    train = train.filter(lambda ids: len(ids) == args.block, input_columns="input_ids").shuffle(seed=0)
+    pydoc = text / "python_docs_heldout.txt"
+    if args.second_test == "shakespeare":
+        second = Dataset.from_list(blocks(tokenizer, text / "shakespeare_heldout.txt", args.block, 0, args.test_rows))
+    else:  # the answers of the first WordNet test records, in the tokenizer's chat format
+        from stitched_llama.data import load_instruction_dataset, tokenize_instructions
+
+        records = load_instruction_dataset(str(cache / WORDNET_DIR / "test.jsonl"))
+        second = tokenize_instructions(records.select(range(args.wordnet_rows)), tokenizer)
+    return {
+        "train": train,
+        "calibration": train.select(range(args.calibration_rows)),
+        "validation": blocks(tokenizer, pydoc, args.block, args.test_rows, args.validation_rows),
+        "test_pydoc": Dataset.from_list(blocks(tokenizer, pydoc, args.block, 0, args.test_rows)),
+        "test_second": second,
+    }
+
+
+def evaluate(model, data: dict, args, stitches: list[int] | str = "all") -> list[dict]:
+    from stitched_llama.evaluation import evaluate_palette
+
+    kwargs = dict(stitches=stitches, batch_size=args.eval_batch_size, progress=False)
+    rows = evaluate_palette(model, data["test_pydoc"], **kwargs)
+    second = evaluate_palette(model, data["test_second"], **kwargs)
+    keep = ("stitch", "name", "kind", "flops_per_token", "params", "loss", "perplexity")
+    return [{**{k: r[k] for k in keep}, f"{args.second_test}_loss": s["loss"]} for r, s in zip(rows, second)]
+
+
+def training_args(out: Path, seed: int, steps: int, args, **overrides):
+    from stitched_llama.demo import healing_arguments
+
+    learning_rate = overrides.pop("learning_rate", args.learning_rate)
+    return healing_arguments(out, steps, learning_rate, seed, args.batch_size, lora_r=args.lora_r, **overrides)
+
+
+def fresh_palette(args):
+    """The searched palette, reloaded from the folder `search` saved it to, so that runs share nothing."""
+    from stitched_llama import StitchedLlamaForCausalLM
+
+    return StitchedLlamaForCausalLM.from_pretrained(args.work / "searched", dtype=torch.float32).eval()
+
+
+class EvalEvery:
+    """A `TrainerCallback` factory: every stitch measured every `every` steps of a run (quality against tokens)."""
+
+    @staticmethod
+    def callback(label: str, every: int, data: dict, args, points: list):
+        from transformers import TrainerCallback
+
+        class Curve(TrainerCallback):
+            def on_step_end(self, targs, state, control, model=None, **kwargs):
+                if every and state.global_step % every == 0 and state.global_step < state.max_steps:
+                    rows = evaluate(model, data, args)
+                    tokens = state.global_step * args.batch_size * args.block
+                    points.append({"step": state.global_step, "tokens": tokens, "stitches": rows})
+                    ppl = ", ".join(f"{r['name']}: {r['perplexity']:.2f}" for r in rows)
+                    log(f"{label} step {state.global_step}: {ppl}")
+
+        return Curve()
+
+
+def train_and_evaluate(
+    label: str, seed: int, steps: int, data: dict, args, every: int = 0, stitches: list[int] | str = "all", **overrides
+):
+    """One training run of the searched palette; returns (rows after training, curve points before the end)."""
+    from stitched_llama.esta import merge_esta
+    from stitched_llama.trainer import StitchTrainer
+
+    torch.manual_seed(seed)
+    points: list[dict] = []
+    targs = training_args(args.work / "trainer", seed, steps, args, **overrides)
+    callbacks = [EvalEvery.callback(label, every, data, args, points)]
+    trainer = StitchTrainer(model=fresh_palette(args), args=targs, train_dataset=data["train"], callbacks=callbacks)
+    trainer.train()
+    rows = evaluate(merge_esta(trainer.model), data, args, stitches)
+    for row in rows:
+        row["visits"] = trainer.sampler.counts[row["stitch"]]
+    return rows, points
+
+
+def run_method(name: str, seed: int, data: dict, args) -> dict:
+    t0 = time.perf_counter()
+    points: list[dict] = []
+    if name == PER_STITCH:  # each chosen stitch alone, with the whole step budget of a palette run
+        rows = []
+        for row in data["untuned"]:
+            if args.per_stitch_kinds and row["kind"] not in args.per_stitch_kinds:
+                continue
+            k = row["stitch"]
+            overrides = dict(METHODS[args.per_stitch_as], train_stitches=str(k))
+            label = f"{name} {row['name']}"
+            rows += train_and_evaluate(label, seed, args.steps, data, args, stitches=[k], **overrides)[0]
+            log(f"{name} seed {seed}: stitch {k} {rows[-1]['name']} loss {rows[-1]['loss']:.4f}")
+    else:
+        overrides = dict(METHODS[name])
+        if name == "snnet-full":
+            overrides["learning_rate"] = args.full_learning_rate
+        rows, points = train_and_evaluate(
+            f"{name} seed {seed}", seed, args.steps, data, args, args.eval_every, **overrides
+        )
+    result = {"method": name, "seed": seed, "seconds": round(time.perf_counter() - t0), "stitches": rows}
+    return result | ({"points": points} if points else {})
+
+
+def run_curve(name: str, seed: int, data: dict, args) -> dict:
+    """One long run of `name`, evaluating every stitch every `--curve-every` steps: quality against tokens."""
+    rows, points = train_and_evaluate(
+        f"curve {name}", seed, args.curve_steps, data, args, args.curve_every, **METHODS[name]
+    )
+    points.append(
+        {"step": args.curve_steps, "tokens": args.curve_steps * args.batch_size * args.block, "stitches": rows}
+    )
+    return {"method": name, "seed": seed, "points": points}
+
+
+def search(data: dict, args) -> dict:
+    """Fit the candidates, keep the best per budget, and save that palette for every run to reload."""
+    from transformers import AutoModelForCausalLM
+
+    from stitched_llama import StitchedLlamaConfig
+    from stitched_llama.search import candidate_stitches, format_search_table, layer_skip_blocks, search_palette
+
+    small = AutoModelForCausalLM.from_pretrained(args.small, dtype=torch.float32).eval()
+    large = AutoModelForCausalLM.from_pretrained(args.large, dtype=torch.float32).eval()
+    calibration = data["calibration"]
+    blocks_ = layer_skip_blocks(large, calibration, block_sizes=args.skip_sizes, batch_size=args.eval_batch_size)
+    config = StitchedLlamaConfig(small_config=small.config, large_config=large.config)
+    candidates = candidate_stitches(config, blocks_, spread=args.spread, every=args.every)
+    log(f"search: skip blocks {blocks_}, {len(candidates)} candidates")
+    t0 = time.perf_counter()
+    palette, rows = search_palette(
+        small,
+        large,
+        candidates,
+        calibration,
+        data["validation"],
+        num_budgets=args.budgets,
+        evaluate_kwargs={"progress": False, "batch_size": args.eval_batch_size},
+    )
+    log(f"search: {len(candidates)} candidates in {time.perf_counter() - t0:.0f} s\n{format_search_table(rows)}")
+    palette.save_pretrained(args.work / "searched")
+    return {
+        "blocks": blocks_,
+        "stitches": [list(s) for s in palette.config.stitches],
+        "table": [{k: r[k] for k in ("name", "kind", "flops_per_token", "loss", "kept")} for r in rows],
+        "seconds": round(time.perf_counter() - t0),
+    }
+
+
+def report(out: Path) -> None:
+    """`<out>/report.md`: per stitch and method, the mean and spread over seeds of each test measure."""
+    results = json.loads((out / "results.json").read_text())
+    runs, untuned, settings = results["runs"], results["untuned"], results["settings"]
+    methods = ["untuned", *dict.fromkeys(r["method"] for r in runs)]
+    second = f"{settings.get('second_test', 'shakespeare')}_loss"
+    lines = [
+        f"# Palette comparison: {settings.get('small', 'small')} / {settings.get('large', 'large')}",
+        "",
+        f"Machine: {results['machine']}. Settings: {json.dumps(settings)}.",
+    ]
+    for key, title in (("perplexity", "Held-out Python-docs perplexity"), (second, f"Test {second.replace('_', ' ')}")):
+        lines += [
+            "",
+            f"{title} per stitch (mean ± standard deviation over seeds; n = seeds run).",
+            "",
+            "| stitch | kind | MFLOPs/token | " + " | ".join(methods) + " |",
+            "|---|---|---:|" + "---:|" * len(methods),
+        ]
+        for row in untuned:
+            cells = []
+            for method in methods:
+                found = (
+                    [row]
+                    if method == "untuned"
+                    else [
+                        r
+                        for run in runs
+                        if run["method"] == method
+                        for r in run["stitches"]
+                        if r["stitch"] == row["stitch"]
+                    ]
+                )
+                values = [r[key] for r in found if key in r]
+                if not values:
+                    cells.append("")
+                elif len(values) == 1:
+                    cells.append(f"{values[0]:.2f} (n=1)" if method != "untuned" else f"{values[0]:.2f}")
+                else:
+                    cells.append(f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})")
+            lines.append(
+                f"| {row['name']} | {row['kind']} | {row['flops_per_token'] / 1e6:.2f} | " + " | ".join(cells) + " |"
+            )
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pair", choices=sorted(PAIRS), default="family", help="the anchors, and the defaults below")
+    p.add_argument("--small", help="small anchor folder (relative: under the cache dir)")
+    p.add_argument("--large", help="large anchor folder (relative: under the cache dir)")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--work", type=Path, default=None, help="scratch: the searched palette, trainer output")
+    p.add_argument("--methods", nargs="+", default=[*METHODS, PER_STITCH], choices=[*METHODS, PER_STITCH])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--per-stitch-seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--per-stitch-as", choices=list(METHODS), default="esta-uniform", help="recipe of that baseline")
+    p.add_argument("--per-stitch-kinds", nargs="*", default=[], help="e.g. 'small anchor' 'layer skip' (default all)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--eval-batch-size", type=int, default=8)
+    p.add_argument("--block", type=int, default=256)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--full-learning-rate", type=float, default=3e-4)
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--budgets", type=int)
+    p.add_argument("--skip-sizes", nargs="+", type=int, help="sizes of the layer blocks the search may skip")
+    p.add_argument("--every", type=int, help="search every k-th of SN-Net's stitches")
+    p.add_argument("--spread", type=int, help="and their neighbours n +- spread")
+    p.add_argument("--train-chars", type=int, default=1_000_000)
+    p.add_argument("--calibration-rows", type=int)
+    p.add_argument("--validation-rows", type=int)
+    p.add_argument("--test-rows", type=int)
+    p.add_argument("--second-test", choices=["shakespeare", "wordnet"])
+    p.add_argument("--wordnet-rows", type=int, default=24)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval-every", type=int, default=0, help="also measure every stitch every N steps of a run")
+    p.add_argument("--report", action="store_true", help="only write <out>/report.md from results.json")
+    p.add_argument(
+        "--curve-methods", nargs="*", default=[], choices=list(METHODS), help="long runs, evaluated as they go"
+    )
+    p.add_argument("--curve-steps", type=int, default=1500)
+    p.add_argument("--curve-every", type=int, default=250)
+    pair = p.parse_known_args(argv)[0].pair
+    p.set_defaults(**PAIRS[pair])
+    args = p.parse_args(argv)
+    args.out = Path(args.out)
+    if args.report:
+        report(args.out)
+        return
+    torch.set_num_threads(args.threads)
+    from transformers import AutoTokenizer
+
+    cache = resolve_cache_dir(args.cache_dir)
+    args.small, args.large = (str(cache / path) for path in (args.small, args.large))  # absolute paths stay
+    args.work = Path(args.work or args.out / "tmp")
+    args.out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(args.small)
+    data = load_data(cache, tokenizer, args)
+    log(f"data: {len(data['train'])} training blocks of {args.block} tokens")
+    spec = search(data, args)
+    data["untuned"] = evaluate(fresh_palette(args), data, args)
+    log("untuned: " + ", ".join(f"{r['name']}: {r['perplexity']:.2f}" for r in data["untuned"]))
+    import peft
+    import transformers
+
+    settings = {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in vars(args).items()
+        if k not in ("cache_dir", "report", "out", "work", "small", "large")
+    }
+    settings |= {"small": Path(args.small).name, "large": Path(args.large).name}
+    settings["tokens_per_run"] = args.steps * args.batch_size * args.block
+    results = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, fp32",
+        "settings": settings,
+        "search": spec,
+        "untuned": data["untuned"],
+        "runs": [],
+    }
+    path = args.out / "results.json"
+    if path.is_file():  # keep finished runs of an earlier, interrupted call with the same stitches
+        old = json.loads(path.read_text())
+        if old.get("search", {}).get("stitches") == results["search"]["stitches"]:
+            results["runs"] = old["runs"]
+    if args.curve_methods:  # quality against training tokens, written to curve.json as each run ends
+        curve_path = args.out / "curve.json"
+        curve = {"settings": results["settings"] | {"curve_steps": args.curve_steps}, "runs": []}
+        for method in args.curve_methods:
+            curve["runs"].append(run_curve(method, args.seeds[0], data, args))
+            curve_path.write_text(json.dumps(curve, indent=1) + "\n")
+        return
+    done = {(r["method"], r["seed"]) for r in results["runs"]}
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    for seed in sorted(set(args.seeds) | set(args.per_stitch_seeds)):
+        for method in args.methods:
+            seeds = args.per_stitch_seeds if method == PER_STITCH else args.seeds
+            if seed not in seeds or (method, seed) in done:
+                continue
+            result = run_method(method, seed, data, args)
+            losses = ", ".join(f"{r['name']}: {math.exp(r['loss']):.2f}" for r in result["stitches"])
+            log(f"{method} seed {seed} ({result['seconds']} s): ppl {losses}")
+            results["runs"].append(result)
+            path.write_text(json.dumps(results, indent=1) + "\n")
+    report(args.out)
+
+
+if __name__ == "__main__":
+    main()
