@@ -370,6 +370,16 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
         entry, segments, exit_ = self._segments(stitch)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if inputs_embeds is None:
+            vocab = entry.model.embed_tokens.num_embeddings
+            # An id out of range is an opaque IndexError on CPU and a device-side assert on CUDA; the check syncs,
+            # so it stays out of compiled graphs.
+            if not torch.compiler.is_compiling() and ((input_ids < 0) | (input_ids >= vocab)).any():
+                bad = input_ids[(input_ids < 0) | (input_ids >= vocab)]
+                raise ValueError(
+                    f"input_ids holds the token id {int(bad[0])}, outside this palette's vocabulary 0..{vocab - 1}: "
+                    "encode text with the anchors' tokenizer, and pad with its pad_token_id (not -100, which only "
+                    "`labels` may hold)."
+                )
             inputs_embeds = entry.model.embed_tokens(input_ids)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)

@@ -57,6 +57,8 @@ CASES = {  # id -> (factory of the call given tmp_path, exception, word in the m
         ValueError,
         "usable tokens",
     ),
+    "negative input_ids in forward": (lambda t: lambda: build()(-CALIBRATION[:1]), ValueError, "token id -"),
+    "input_ids past the vocabulary": (lambda t: lambda: build()(CALIBRATION[:1] + VOCAB), ValueError, "vocabulary"),
     "negative token ids": (lambda t: lambda: build(-CALIBRATION), ValueError, "negative token id"),
     "float token ids": (
         lambda t: lambda: build(Dataset.from_dict({"input_ids": (CALIBRATION.float() + 0.5).tolist()})),

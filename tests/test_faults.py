@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -127,38 +128,52 @@ def test_a_truncated_palette_file_is_an_oserror_naming_it(tmp_path):
 
 
 KILLER = """
-import os, sys, signal
+import os, random, signal, sys, threading, time
 sys.path.insert(0, {tests!r})
-import torch
+from transformers import TrainerCallback
 from test_trainer import make_trainer
 
-# Kill this process in the middle of writing checkpoint {kill_at}: after its `point`-th file write.
-real_save = torch.save
-writes = {{"n": 0}}
+# SIGKILL this process a seeded random time after step 4 ends, while checkpoint-4 is being written (the save takes
+# about {save_seconds:.3f} s); step 5 then waits, so that the kill always lands before training could finish.
+class Killer(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 4:
+            delay = random.Random({seed}).uniform(0, 1.2 * {save_seconds})
+            threading.Timer(delay, os.kill, (os.getpid(), signal.SIGKILL)).start()
+        if state.global_step == 5:
+            time.sleep(60)
 
-def dying_save(obj, f, *args, **kwargs):
-    real_save(obj, f, *args, **kwargs)
-    if "checkpoint-{kill_at}" in str(f):
-        writes["n"] += 1
-        if writes["n"] == {point}:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-torch.save = dying_save
-trainer = make_trainer(__import__("pathlib").Path({out!r}), max_steps=6, save_strategy="steps", save_steps=2)
-trainer.train(resume_from_checkpoint={resume})
+trainer = make_trainer(__import__("pathlib").Path({out!r}), callbacks=[Killer()], max_steps=6, save_strategy="steps", save_steps=2)
+trainer.train()
 """
 
 
-@pytest.mark.parametrize("point", [1, 2, 3])
-def test_killed_while_writing_a_checkpoint_then_resumed_exactly(tmp_path, point):
-    straight = make_trainer(tmp_path / "straight", max_steps=6, save_strategy="steps", save_steps=2)
+class SaveTimer(TrainerCallback):
+    """How long the checkpoint of step 4 takes to write: from the end of the step to `on_save`."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == 4:
+            self.start = time.perf_counter()
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == 4:
+            self.seconds = time.perf_counter() - self.start
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_killed_at_a_random_point_of_a_checkpoint_write_then_resumed_exactly(tmp_path, seed):
+    timer = SaveTimer()
+    straight = make_trainer(tmp_path / "straight", callbacks=[timer], max_steps=6, save_strategy="steps", save_steps=2)
     straight.train()
     out = tmp_path / "killed"
-    script = KILLER.format(tests=str(HERE), kill_at=4, point=point, out=str(out), resume="None")
+    script = KILLER.format(tests=str(HERE), seed=seed, save_seconds=timer.seconds, out=str(out))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
-    assert last_complete_checkpoint(str(out)) == str(out / "checkpoint-2")  # checkpoint-4 was cut short
+    # Wherever the kill landed, the newest complete checkpoint is a whole one: 4 if its write finished, else 2.
+    newest = last_complete_checkpoint(str(out))
+    assert newest in (str(out / "checkpoint-2"), str(out / "checkpoint-4"))
+    assert verify_checkpoint(newest) is None
     resumed = make_trainer(out, max_steps=6, save_strategy="steps", save_steps=2)
     resumed.train(resume_from_checkpoint=True)
     assert resumed.stitch_history == straight.stitch_history
