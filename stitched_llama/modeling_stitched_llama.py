@@ -373,8 +373,9 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
             vocab = entry.model.embed_tokens.num_embeddings
             # An id out of range is an opaque IndexError on CPU and a device-side assert on CUDA; the check syncs,
             # so it stays out of compiled graphs.
-            if not torch.compiler.is_compiling() and ((input_ids < 0) | (input_ids >= vocab)).any():
-                bad = input_ids[(input_ids < 0) | (input_ids >= vocab)]
+            outside = None if torch.compiler.is_compiling() else (input_ids < 0) | (input_ids >= vocab)
+            if outside is not None and outside.any():
+                bad = input_ids[outside]
                 raise ValueError(
                     f"input_ids holds the token id {int(bad[0])}, outside this palette's vocabulary 0..{vocab - 1}: "
                     "encode text with the anchors' tokenizer, and pad with its pad_token_id (not -100, which only "

@@ -162,12 +162,7 @@ class StitchTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             if value is not None and value < low:
                 raise ValueError(f"{name}={value} must be at least {low}.")
-        if self.train_stitches is not None and not all(
-            part.strip().lstrip("-").isdigit() for part in self.train_stitches.split(",")
-        ):
-            raise ValueError(
-                f"train_stitches={self.train_stitches!r} must be comma-separated stitch indices, e.g. '0' or '0,3'."
-            )
+        self._train_stitch_list()  # the format now; the range once the palette is known (`stitch_indices`)
         if not any(m.strip() for m in self.lora_target_modules.split(",")):
             raise ValueError(
                 f"lora_target_modules={self.lora_target_modules!r} names no module: pass e.g. 'q_proj,v_proj'."
@@ -181,23 +176,27 @@ class StitchTrainingArguments(TrainingArguments):
             )
         self.esta_config()  # the LoRA fields are checked where they are used
 
-    def stitch_indices(self, num_stitches: int) -> list[int] | None:
-        """`train_stitches` as indices into a palette of `num_stitches` (negative ones count from the end)."""
+    def _train_stitch_list(self) -> list[int] | None:
+        """`train_stitches` as integers, or None for all stitches."""
         if self.train_stitches is None:
             return None
-        indices = []
-        for part in self.train_stitches.split(","):
-            try:
-                k = int(part)
-            except ValueError:
-                k = None
-            if k is None or not -num_stitches <= k < num_stitches:
+        try:
+            return [int(part) for part in self.train_stitches.split(",")]
+        except ValueError:
+            raise ValueError(
+                f"train_stitches={self.train_stitches!r} must be comma-separated stitch indices, e.g. '0' or '0,3'."
+            ) from None
+
+    def stitch_indices(self, num_stitches: int) -> list[int] | None:
+        """`train_stitches` as indices into a palette of `num_stitches` (negative ones count from the end)."""
+        indices = self._train_stitch_list()
+        for k in indices or ():
+            if not -num_stitches <= k < num_stitches:
                 raise ValueError(
-                    f"train_stitches={self.train_stitches!r}: {part!r} is not a stitch index of this palette; "
+                    f"train_stitches={self.train_stitches!r}: '{k}' is not a stitch index of this palette; "
                     f"use comma-separated integers in {-num_stitches}..{num_stitches - 1}."
                 )
-            indices.append(k % num_stitches)
-        return indices
+        return None if indices is None else [k % num_stitches for k in indices]
 
     def esta_config(self) -> EstaConfig:
         return EstaConfig(
