@@ -39,6 +39,9 @@ import time
 from pathlib import Path
 
 import torch
+from datasets import Dataset
+
+from stitched_llama.data import tokenize_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -94,26 +97,21 @@ def log(msg: str) -> None:
     print(f"[bench_palette {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def blocks(tokenizer, path: Path, block: int, start: int, count: int) -> list[dict]:
-    ids = tokenizer(path.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
-    rows = [ids[i : i + block] for i in range(0, len(ids) - block + 1, block)][start : start + count]
-    return [{"input_ids": r, "attention_mask": [1] * block, "labels": r} for r in rows]
+def blocks(tokenizer, path: Path, block: int, start: int, count: int) -> Dataset:
+    """Rows `start .. start + count - 1` of a text file cut into `block`-token rows."""
+    text = path.read_text(encoding="utf-8")
+    return tokenize_texts([text], tokenizer, block_size=block, drop_last=True).select(range(start, start + count))
 
 
 def load_data(cache: Path, tokenizer, args) -> dict:
-    from datasets import Dataset
-
-    from stitched_llama.data import tokenize_texts
-
     text = cache / TEXT_DIR
     train_texts = []
     for name in ("python_docs_calib.txt", "shakespeare_train.txt"):
         train_texts += text.joinpath(name).read_text(encoding="utf-8")[: args.train_chars].split("\n\n\n")
-    train = tokenize_texts(train_texts, tokenizer, block_size=args.block)
-    train = train.filter(lambda ids: len(ids) == args.block, input_columns="input_ids").shuffle(seed=0)
+    train = tokenize_texts(train_texts, tokenizer, block_size=args.block, drop_last=True).shuffle(seed=0)
     pydoc = text / "python_docs_heldout.txt"
     if args.second_test == "shakespeare":
-        second = Dataset.from_list(blocks(tokenizer, text / "shakespeare_heldout.txt", args.block, 0, args.test_rows))
+        second = blocks(tokenizer, text / "shakespeare_heldout.txt", args.block, 0, args.test_rows)
     else:  # the answers of the first WordNet test records, in the tokenizer's chat format
         from stitched_llama.data import load_instruction_dataset, tokenize_instructions
 
@@ -122,8 +120,8 @@ def load_data(cache: Path, tokenizer, args) -> dict:
     return {
         "train": train,
         "calibration": train.select(range(args.calibration_rows)),
-        "validation": blocks(tokenizer, pydoc, args.block, args.test_rows, args.validation_rows),
-        "test_pydoc": Dataset.from_list(blocks(tokenizer, pydoc, args.block, 0, args.test_rows)),
+        "validation": blocks(tokenizer, pydoc, args.block, args.test_rows, args.validation_rows).to_list(),
+        "test_pydoc": blocks(tokenizer, pydoc, args.block, 0, args.test_rows),
         "test_second": second,
     }
 
@@ -175,18 +173,16 @@ def train_and_evaluate(
     label: str, seed: int, steps: int, data: dict, args, every: int = 0, stitches: list[int] | str = "all", **overrides
 ):
     """One training run of the searched palette; returns (rows after training, curve points before the end)."""
-    from stitched_llama.esta import merge_esta
-    from stitched_llama.trainer import StitchTrainer
+    from stitched_llama.workflow import train_palette
 
     torch.manual_seed(seed)
     points: list[dict] = []
     targs = training_args(args.work / "trainer", seed, steps, args, **overrides)
     callbacks = [EvalEvery.callback(label, every, data, args, points)]
-    trainer = StitchTrainer(model=fresh_palette(args), args=targs, train_dataset=data["train"], callbacks=callbacks)
-    trainer.train()
-    rows = evaluate(merge_esta(trainer.model), data, args, stitches)
+    result = train_palette(fresh_palette(args), targs, data["train"], callbacks=callbacks, save=False)
+    rows = evaluate(result.palette, data, args, stitches)
     for row in rows:
-        row["visits"] = trainer.sampler.counts[row["stitch"]]
+        row["visits"] = result.trainer.sampler.counts[row["stitch"]]
     return rows, points
 
 
@@ -338,6 +334,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--wordnet-rows", type=int, default=24)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-every", type=int, default=0, help="also measure every stitch every N steps of a run")
+    p.add_argument(
+        "--reuse-search", action="store_true", help="reuse <work>/searched and the untuned rows of results.json"
+    )
     p.add_argument("--report", action="store_true", help="only write <out>/report.md from results.json")
     p.add_argument(
         "--curve-methods", nargs="*", default=[], choices=list(METHODS), help="long runs, evaluated as they go"
@@ -361,8 +360,14 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.small)
     data = load_data(cache, tokenizer, args)
     log(f"data: {len(data['train'])} training blocks of {args.block} tokens")
-    spec = search(data, args)
-    data["untuned"] = evaluate(fresh_palette(args), data, args)
+    path = args.out / "results.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    if args.reuse_search and "untuned" in old and (args.work / "searched").is_dir():
+        spec, data["untuned"] = old["search"], old["untuned"]  # the saved palette is that search's result
+        log(f"search: reused {args.work / 'searched'} and its untuned rows from {path}")
+    else:
+        spec = search(data, args)
+        data["untuned"] = evaluate(fresh_palette(args), data, args)
     log("untuned: " + ", ".join(f"{r['name']}: {r['perplexity']:.2f}" for r in data["untuned"]))
     import peft
     import transformers
@@ -382,11 +387,8 @@ def main(argv: list[str] | None = None) -> None:
         "untuned": data["untuned"],
         "runs": [],
     }
-    path = args.out / "results.json"
-    if path.is_file():  # keep finished runs of an earlier, interrupted call with the same stitches
-        old = json.loads(path.read_text())
-        if old.get("search", {}).get("stitches") == results["search"]["stitches"]:
-            results["runs"] = old["runs"]
+    if old.get("search", {}).get("stitches") == results["search"]["stitches"]:
+        results["runs"] = old["runs"]  # keep finished runs of an earlier, interrupted call with the same stitches
     if args.curve_methods:  # quality against training tokens, written to curve.json as each run ends
         curve_path = args.out / "curve.json"
         curve = {"settings": results["settings"] | {"curve_steps": args.curve_steps}, "runs": []}

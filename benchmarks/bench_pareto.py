@@ -960,9 +960,9 @@ def run_method(ctx: dict, phase: str) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer, TrainerCallback
 
-    from stitched_llama.data import collate_fn
-    from stitched_llama.esta import merge_esta, prepare_esta, trainable_parameters
-    from stitched_llama.trainer import REPORT, StitchTrainer, StitchTrainingArguments
+    from stitched_llama.esta import prepare_esta, trainable_parameters
+    from stitched_llama.trainer import REPORT, StitchTrainingArguments
+    from stitched_llama.workflow import train_palette
 
     setting, paths, work = ctx["setting"], ctx["paths"], ctx["work"]
     init = json.loads((ctx["raw"] / "init.json").read_text())
@@ -1022,21 +1022,22 @@ def run_method(ctx: dict, phase: str) -> dict:
         def on_step_end(self, *a, **k):
             step_times.append(time.perf_counter() - self.t)
 
-    trainer = StitchTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(train),
-        data_collator=collate_fn(tokenizer),
-        optimizers=optimizers,
-        callbacks=[StepTimer()],
-    )
     log(f"{phase}: {params['trainable']:,} trainable ({params['trainable_percent']:.3f}%), {setting.steps} steps")
-    with PeakMemory(setting.device) as memory:
-        output = trainer.train()
+    with PeakMemory(setting.device) as memory:  # training, then the merge of the shared LoRA
+        trained = train_palette(
+            model,
+            args,
+            Dataset.from_list(train),
+            tokenizer=tokenizer,
+            callbacks=[StepTimer()],
+            save=False,
+            optimizers=optimizers,
+        )
+    trainer, output = trained.trainer, trained.train_output
     log(f"{phase}: trained in {output.metrics['train_runtime']:.0f}s; peak {memory.as_dict()}")
     report = json.loads((Path(args.output_dir) / REPORT).read_text())
     losses = [entry for entry in trainer.state.log_history if "loss" in entry]
-    palette = merge_esta(trainer.model).eval()
+    palette = trained.palette.eval()
     palette.requires_grad_(False)
     data = load_data(ctx["cache"], tokenizer, setting)
     start = time.perf_counter()

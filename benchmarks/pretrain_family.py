@@ -37,6 +37,8 @@ from transformers import (
     default_data_collator,
 )
 
+from stitched_llama.data import tokenize_texts
+
 try:  # run as a script (benchmarks/ is on sys.path) ...
     from _paths import TEXT_DIR, WORDNET_DIR, resolve_cache_dir
 except ImportError:  # ... or as ``python -m benchmarks.pretrain_family``
@@ -99,18 +101,14 @@ def train_tokenizer(docs: list[str], vocab_size: int) -> PreTrainedTokenizerFast
 
 def blocks(docs: list[str], tokenizer: PreTrainedTokenizerFast, block: int, seed: int) -> Dataset:
     """One stream (documents joined by EOS) cut into ``block``-token rows, shuffled once with ``seed``."""
-    ids: list[int] = []
-    for ids_doc in tokenizer(docs, add_special_tokens=False)["input_ids"]:
-        ids += ids_doc + [tokenizer.eos_token_id]
-    rows = [ids[i : i + block] for i in range(0, len(ids) - block + 1, block)]
-    random.Random(seed).shuffle(rows)
+    rows = list(tokenize_texts(docs, tokenizer, block_size=block, drop_last=True)["input_ids"])
+    random.Random(seed).shuffle(rows)  # the order the committed family was trained in
     return Dataset.from_dict({"input_ids": rows, "labels": rows})
 
 
 def heldout(cache_dir: Path, tokenizer: PreTrainedTokenizerFast, block: int, n_rows: int) -> Dataset:
     body = (cache_dir / TEXT_DIR / "python_docs_heldout.txt").read_text(encoding="utf-8")
-    ids = tokenizer(body, add_special_tokens=False)["input_ids"]
-    rows = [ids[i : i + block] for i in range(0, len(ids) - block + 1, block)][:n_rows]
+    rows = list(tokenize_texts([body], tokenizer, block_size=block, drop_last=True)["input_ids"])[:n_rows]
     return Dataset.from_dict({"input_ids": rows, "labels": rows})
 
 

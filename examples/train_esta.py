@@ -1,15 +1,15 @@
 """Fine-tune a whole palette in one run with ESTA, then merge and save it.
 
     # built-in default: tiny anchors + the bundled instruction set, a few minutes on a CPU
-    python examples/train_esta.py --output_dir outputs/esta --max_steps 200
+    python examples/train_esta.py --output-dir outputs/esta --max-steps 200
 
     # real anchors (local folders or Hub ids) and your own data
     python examples/train_esta.py --small HuggingFaceTB/SmolLM2-135M-Instruct \
-        --large HuggingFaceTB/SmolLM2-360M-Instruct --train_file train.jsonl --eval_file val.jsonl \
-        --output_dir outputs/smollm2 --max_steps 2000 --per_device_train_batch_size 8 --learning_rate 2e-4
+        --large HuggingFaceTB/SmolLM2-360M-Instruct --train-file train.jsonl --eval-file val.jsonl \
+        --output-dir outputs/smollm2 --max-steps 2000 --per-device-train-batch-size 8 --learning-rate 2e-4
 
 Every `TrainingArguments` flag works, plus the stitch flags of `StitchTrainingArguments` (`--sampling`,
-`--method`, `--importance_temperature`, `--num_deployed_stitches`, ...); see `--help`.
+`--method`, `--importance-temperature`, `--num-deployed-stitches`, ...); see `--help`.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from transformers import AutoTokenizer, HfArgumentParser
 
 from stitched_llama import StitchedLlamaForCausalLM
-from stitched_llama.data import builtin_instructions, collate_fn, load_instruction_dataset, tokenize_instructions
-from stitched_llama.esta import merge_esta, trainable_parameters
+from stitched_llama.data import builtin_instructions, load_instruction_dataset, tokenize_instructions
+from stitched_llama.esta import trainable_parameters
 from stitched_llama.tiny import tiny_anchors, tiny_tokenizer
-from stitched_llama.trainer import StitchTrainer, StitchTrainingArguments
+from stitched_llama.trainer import StitchTrainingArguments
+from stitched_llama.workflow import train_palette
 
 
 @dataclass
@@ -61,25 +62,14 @@ def main() -> None:
         eval_records, tokenizer, max_length=min(script.max_length, limit), model_max_length=limit
     )
 
-    trainer = StitchTrainer(
-        model=palette,
-        args=args,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        data_collator=collate_fn(tokenizer),
-    )
-    report = trainable_parameters(trainer.model)
-    print(f"trainable parameters: {report['trainable']:,} of {report['total']:,} ({report['trainable_percent']:.2f}%)")
-    trainer.train(resume_from_checkpoint=True if args.resume_from_checkpoint == "last" else args.resume_from_checkpoint)
-    trainer.evaluate()
-    trainer.deploy()  # again, now with the final eval metrics in the report
+    def show_trainable(trainer) -> None:
+        n = trainable_parameters(trainer.model)
+        print(f"trainable parameters: {n['trainable']:,} of {n['total']:,} ({n['trainable_percent']:.2f}%)")
 
-    merged = merge_esta(trainer.model)
-    merged.tokenizer = tokenizer
-    out = os.path.join(args.output_dir, "palette")
-    merged.save_pretrained(out)
-    print(f"deployed stitches: {merged.config.deployed_stitches}")
-    print(f"merged palette saved to {out}; report in {os.path.join(args.output_dir, 'esta_report.json')}")
+    # train (deploying at its end) -> evaluate every stitch -> merge the shared LoRA -> save with the tokenizer
+    result = train_palette(palette, args, train, evaluation, tokenizer=tokenizer, before_training=show_trainable)
+    print(f"deployed stitches: {result.palette.config.deployed_stitches}")
+    print(f"merged palette saved to {result.saved_to}; report in {os.path.join(args.output_dir, 'esta_report.json')}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Choosing a stitch under a budget: parameters, FLOPs, measured latency and memory.
 
-Latency and memory come from `profile_stitches`, which measures them on the current device and stores them in
-`config.stitch_profile`, so they travel with the checkpoint.
+Latency and memory come from `profile_stitches`, which measures them on the current device and stores them in the
+palette's report (`palette.stitch_report["profile"]`, saved as `stitch_report.json`), so they travel with it.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def profile_stitches(
 
     Times are medians over `repeats` runs after one warm-up. Memory is the peak allocated by the run on CUDA;
     on CPU, where allocations are not tracked, it is the bytes of the weights the stitch runs plus its KV cache
-    at the end of the run. The result is stored in `config.stitch_profile` and returned.
+    at the end of the run. The result is stored in `palette.stitch_report["profile"]` and returned.
     """
     config = palette.config
     stitches = list(range(len(config.stitches))) if stitches is None else [config.resolve_stitch(k) for k in stitches]
@@ -109,9 +109,9 @@ def profile_stitches(
         "batch_size": batch_size,
         "prompt_length": prompt_length,
         "new_tokens": new_tokens,
-        "stitches": {**(config.stitch_profile or {}).get("stitches", {}), **rows},
+        "stitches": {**palette.stitch_report.get("profile", {}).get("stitches", {}), **rows},
     }
-    config.stitch_profile = profile
+    palette.update_stitch_report(profile=profile)
     return profile
 
 
@@ -124,8 +124,8 @@ def select_stitch(
 ) -> int:
     """The best stitch within every budget given.
 
-    Best means the lowest eval loss when the palette carries eval metrics (`config.stitch_metrics`), else the
-    highest learned importance (`config.stitch_importance`), else the highest cost. Latency budgets apply to
+    Best means the lowest eval loss when the palette's report holds eval metrics for every candidate, else the
+    highest learned importance, else the highest cost (`palette.stitch_report`). Latency budgets apply to
     the per-token decode time and need `profile_stitches()` first.
     """
     config = palette.config
@@ -135,7 +135,8 @@ def select_stitch(
         "latency": parse_budget("max_latency_ms", max_latency_ms, "ms"),
         "memory": parse_budget("max_memory_mb", max_memory_mb, "mb"),
     }
-    profile = (config.stitch_profile or {}).get("stitches", {})
+    report = palette.stitch_report
+    profile = report.get("profile", {}).get("stitches", {})
     if (budgets["latency"] or budgets["memory"]) and not profile:
         raise ValueError("Latency and memory budgets need measurements: call `model.profile_stitches()` first.")
 
@@ -163,11 +164,11 @@ def select_stitch(
             + (f", {m['latency']:.2f} ms/token and {m['memory']:.1f} MB" if str(cheapest) in profile else "")
             + "."
         )
-    metrics = config.stitch_metrics or {}
+    metrics, importance = report.get("metrics", {}), report.get("importance")
     if all("eval_loss" in metrics.get(str(k), {}) for k in candidates):
         return min(candidates, key=lambda k: metrics[str(k)]["eval_loss"])
-    if config.stitch_importance:
-        return max(candidates, key=lambda k: config.stitch_importance[k])
+    if importance:
+        return max(candidates, key=lambda k: importance[k])
     return max(candidates, key=lambda k: config.stitch_cost(k).flops_per_token)
 
 

@@ -79,7 +79,7 @@ class StitchedLlamaConfig(PreTrainedConfig):
         stitch_bias_targets (`list[str]`, *optional*):
             Names of the linear layers (e.g. `q_proj`, `stitch_layers`) that carry stitch-specific biases: each
             stitch owns a bias vector for every such layer it runs, added only while that stitch is active.
-        map_first_token (`bool`, defaults to `False`):
+        map_first_token (`bool`, defaults to `True`):
             In a hybrid stitch, replace the first token's state after the stitching layer by the large anchor's
             mean state there (`first_token_states`, fitted by `from_anchors`). LLMs park massive activations on
             the first token; its state in the large anchor is nearly the same whatever the token, and a linear
@@ -94,15 +94,12 @@ class StitchedLlamaConfig(PreTrainedConfig):
 
     small_config: dict | PreTrainedConfig | None = None
     large_config: dict | PreTrainedConfig | None = None
-    stitches: list | None = None
+    stitches: list[list[int]] | None = None
     share_stitch_layers: bool = True
     default_stitch: int | None = None
-    deployed_stitches: list | None = None
-    stitch_bias_targets: list | None = None
-    stitch_importance: list | None = None
-    stitch_metrics: dict | None = None
-    stitch_profile: dict | None = None
-    map_first_token: bool = False
+    deployed_stitches: list[int] | None = None
+    stitch_bias_targets: list[str] | None = None
+    map_first_token: bool = True
     slim: bool = False
     use_cache: bool = True
     tie_word_embeddings: bool = False

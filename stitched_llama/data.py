@@ -443,10 +443,13 @@ def tokenize_instructions(
     return tokenized.remove_columns(["_length", "_kept"])
 
 
-def tokenize_texts(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, block_size: int = 512) -> Dataset:
+def tokenize_texts(
+    texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, block_size: int = 512, drop_last: bool = False
+) -> Dataset:
     """Plain text as causal-LM examples, every token scored: the texts joined by EOS, cut into `block_size` rows.
 
-    For healing stitches on generic text, with no instruction format. The last block is kept when shorter.
+    For healing stitches on generic text, with no instruction format. The last block is kept when shorter, unless
+    `drop_last` (every row then holds exactly `block_size` tokens, as benchmarks and pretraining want).
     """
     if isinstance(texts, str):
         raise TypeError("`texts` must be a list of strings, not one string: wrap it as [text]")
@@ -461,7 +464,7 @@ def tokenize_texts(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, blo
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         stream += [*ids, tokenizer.eos_token_id]
     blocks = [stream[i : i + block_size] for i in range(0, len(stream), block_size)]
-    blocks = [b for b in blocks if len(b) >= 2]
+    blocks = [b for b in blocks if len(b) == block_size or (len(b) >= 2 and not drop_last)]
     return Dataset.from_dict({"input_ids": blocks, "attention_mask": [[1] * len(b) for b in blocks], "labels": blocks})
 
 

@@ -16,10 +16,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .data import tokenize_texts
-from .esta import merge_esta, trainable_parameters
+from .esta import trainable_parameters
 from .evaluation import REPORT_FILES, evaluate_palette, format_markdown
 from .search import candidate_stitches, layer_skip_blocks, search_palette
 from .trainer import REPORT, StitchTrainer, StitchTrainingArguments
+from .workflow import MERGED_DIR, train_palette
 
 FAMILY = Path(__file__).resolve().parent / "assets" / "family"
 
@@ -82,7 +83,7 @@ def run_demo(
     """
     start = time.perf_counter()
     out = Path(out)
-    for name in ("palette", "evaluation", REPORT):  # this demo's own outputs from an earlier run
+    for name in (MERGED_DIR, "evaluation", REPORT):  # this demo's own outputs from an earlier run
         target = out / name
         if target.is_dir():
             shutil.rmtree(target)
@@ -90,8 +91,7 @@ def run_demo(
             target.unlink()
     torch.manual_seed(seed)
     small, large, tokenizer = family_anchors()
-    train = tokenize_texts(_text("train.txt"), tokenizer, block_size=block_size)
-    train = train.filter(lambda ids: len(ids) == block_size, input_columns="input_ids").shuffle(seed=seed)
+    train = tokenize_texts(_text("train.txt"), tokenizer, block_size=block_size, drop_last=True).shuffle(seed=seed)
     heldout = tokenize_texts(_text("heldout.txt"), tokenizer, block_size=block_size)
     if heldout_blocks is not None:  # a quicker, rougher measurement (the tests use it)
         heldout = heldout.select(range(min(heldout_blocks, len(heldout))))
@@ -130,15 +130,17 @@ def run_demo(
     args = healing_arguments(
         out, steps, learning_rate, seed, sampling="uniform", distill_alpha=distill_alpha, num_deployed_stitches=4
     )
-    trainer = StitchTrainer(model=palette, args=args, train_dataset=train)
-    counts = trainable_parameters(trainer.model)
-    print(
-        f"trainable: {counts['trainable']:,} of {counts['total']:,} parameters ({counts['trainable_percent']:.1f}%), "
-        "one LoRA shared by all stitches + per-stitch biases; the anchors stay frozen"
-    )
-    trainer.train()
-    merged = merge_esta(trainer.model)
-    merged.tokenizer = tokenizer
+
+    def show_trainable(trainer: StitchTrainer) -> None:
+        counts = trainable_parameters(trainer.model)
+        print(
+            f"trainable: {counts['trainable']:,} of {counts['total']:,} parameters "
+            f"({counts['trainable_percent']:.1f}%), one LoRA shared by all stitches + per-stitch biases; the "
+            "anchors stay frozen"
+        )
+
+    # Saved to <out>/palette, merged, with the tokenizer and the model card.
+    merged = train_palette(palette, args, train, tokenizer=tokenizer, before_training=show_trainable).palette
 
     print("\n== 4/5 evaluate: every stitch on held-out Python documentation (never trained on, never searched on)")
     rows = evaluate_palette(merged, test, output_dir=out / "evaluation", progress=False)
@@ -162,7 +164,6 @@ def run_demo(
         text = tokenizer.decode(ids[0, input_ids.shape[1] :], skip_special_tokens=True)
         print(f"stitch {k} {merged.config.stitch_name(k)}, {merged.config.stitch_kind(k)}: {text!r}")
 
-    merged.save_pretrained(out / "palette")
     print(f"\nfiles, after {time.perf_counter() - start:.0f} s:")
     print(f"  palette (merged, with tokenizer and model card): {out / 'palette'}")
     print(f"  training report (importance, visits, deployed): {out / REPORT}")

@@ -14,9 +14,9 @@ PLOT_NAME = "pareto.png"
 
 
 def stitch_rows(palette) -> list[dict]:
-    """The stitch table plus eval metrics and deployed marks from the config."""
+    """The stitch table plus eval metrics from the palette's report and deployed marks from its config."""
     config = palette.config
-    metrics = config.stitch_metrics or {}
+    metrics = palette.stitch_report.get("metrics", {})
     deployed = set(config.deployed_stitches or [])
     rows = []
     for row in palette.stitch_table():
@@ -78,7 +78,7 @@ def model_card(palette, plot_file: str | None = None, repo_id: str | None = None
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
         f'model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)',
-        f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{name}", trust_remote_code=True)',
         "",
         "# the best stitch within a budget (parameters, FLOPs/token; latency and memory after profile_stitches())",
         'model.set_stitch(model.select_stitch(max_params="1B"))',

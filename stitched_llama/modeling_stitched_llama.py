@@ -15,6 +15,7 @@ import contextlib
 import copy
 import importlib
 import inspect
+import json
 import os
 import re
 import shutil
@@ -30,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin, P
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.utils import logging
+from transformers.utils import cached_file, logging
 
 from .configuration_stitched_llama import StitchedLlamaConfig
 
@@ -39,6 +40,12 @@ logger = logging.get_logger(__name__)
 # transformers 5.24 renamed the cache argument of layers, masks and outputs from `past_key_values` to `cache`.
 # The palette accepts both names and hands the anchors' modules the one the installed version reads.
 CACHE_KEY = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+# Measurements of a palette (eval metrics, learned importance, latency profile) are not part of the model: they live
+# in `palette.stitch_report`, saved next to the weights. Palettes saved before kept them in the config.
+REPORT_FILE = "stitch_report.json"
+REPORT_SECTIONS = ("metrics", "importance", "profile")
+_LEGACY_REPORT_KEYS = {"stitch_metrics": "metrics", "stitch_importance": "importance", "stitch_profile": "profile"}
 
 
 def _layer_type(config, i: int) -> str:
@@ -60,9 +67,12 @@ class FirstTokenState(nn.Module):
         return torch.where(is_first.unsqueeze(-1), self.state.to(hidden_states.dtype), hidden_states)
 
 
-def _first_token_mask(attention_mask: torch.Tensor | None, past_seen: int, hidden: torch.Tensor) -> torch.BoolTensor:
+def _first_token_mask(
+    attention_mask: torch.Tensor | None, past_seen: int | torch.Tensor, hidden: torch.Tensor
+) -> torch.BoolTensor:
     """`[batch, seq]`: True where the token is its row's first real one (left padding and caches included)."""
-    index = torch.arange(past_seen, past_seen + hidden.shape[1], device=hidden.device)
+    # An offset rather than arange's bounds: a static cache's length is a tensor, which compiled graphs take as data.
+    index = torch.arange(hidden.shape[1], device=hidden.device) + past_seen
     if attention_mask is not None and attention_mask.dim() == 2:
         first = attention_mask.to(hidden.device).long().argmax(dim=-1)  # the first attended position of each row
     else:
@@ -137,6 +147,8 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
             for k in range(len(config.stitches)):
                 if config.stitch_layer_key(k) is not None:
                     self.first_token_states[self._first_token_key(k)] = FirstTokenState(d_large)
+        # {"metrics": {stitch: {name: value}}, "importance": [per stitch], "profile": {...}}, see `update_stitch_report`.
+        self.stitch_report: dict[str, Any] = {}
         self.stitch_biases = nn.ModuleDict()
         # Shared with `stitch_view`s: the bias hooks read the stitch of whichever forward is running.
         self._bias_state = {"stitch": config.default_stitch, "enabled": True}
@@ -226,7 +238,7 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
     def profile_stitches(self, stitches: Sequence[int] | None = None, **kwargs) -> dict:
         """Measure prefill and per-token decode time and peak memory of each stitch on the current device.
 
-        Stored in `config.stitch_profile` (it travels with the checkpoint); see `budget.profile_stitches`.
+        Stored in `stitch_report["profile"]` (saved with the palette); see `budget.profile_stitches`.
         """
         budget = _package("budget", "Profiling stitches")
         return budget.profile_stitches(self, list(stitches) if stitches is not None else None, **kwargs)
@@ -241,6 +253,34 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
         """The best stitch that fits every budget (numbers, or strings with units: "1.5B", "20ms", "2GB")."""
         budget = _package("budget", "Choosing a stitch by budget")
         return budget.select_stitch(self, max_params, max_flops, max_latency_ms, max_memory_mb)
+
+    def update_stitch_report(
+        self,
+        metrics: dict[str, dict[str, float]] | None = None,
+        importance: Sequence[float] | None = None,
+        profile: dict | None = None,
+    ) -> dict[str, Any]:
+        """Replace sections of `stitch_report`, the palette's measurements (saved as `stitch_report.json` next to
+        the weights and read by the model card and `select_stitch`). `metrics` maps a stitch index (as a string)
+        to its eval metrics, `importance` holds one score per stitch, `profile` is `profile_stitches`' result."""
+        if metrics is not None:
+            unknown = sorted(set(metrics) - {str(k) for k in range(self.num_stitches)})
+            if unknown:
+                raise ValueError(
+                    f"Metrics for stitches {unknown}, but this palette has stitches 0..{self.num_stitches - 1}: key "
+                    "the metrics by stitch index, as a string."
+                )
+            self.stitch_report["metrics"] = {k: dict(v) for k, v in metrics.items()}
+        if importance is not None:
+            if len(importance) != self.num_stitches:
+                raise ValueError(
+                    f"{len(importance)} importance scores for a palette of {self.num_stitches} stitches: pass one "
+                    "score per stitch."
+                )
+            self.stitch_report["importance"] = [float(x) for x in importance]
+        if profile is not None:
+            self.stitch_report["profile"] = profile
+        return self.stitch_report
 
     def export_stitch(self, stitch: int, save_directory: str | os.PathLike, **kwargs) -> str:
         """Save stitch `stitch` alone: only the weights it runs, LoRA merged, its biases folded in.
@@ -388,7 +428,8 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
         if cache is not None:
             # Each stitch fills the slots with its own layers' keys: another stitch cannot continue them.
             owner = getattr(cache, "_stitch", None)
-            if past_seen > 0 and owner is not None and owner != stitch:
+            # `past_seen` last: on a static cache it is a tensor, which a compiled graph cannot branch on.
+            if owner is not None and owner != stitch and past_seen > 0:
                 raise ValueError(
                     f"This cache holds {past_seen} tokens from stitch {owner}, so stitch {stitch} cannot continue "
                     f"it: pass `stitch={owner}`, or start stitch {stitch} with a new cache (`cache=None`)."
@@ -611,6 +652,7 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
                 f"its config ({listed}). Its weights are damaged or from another palette: save it again, or "
                 "rebuild it with `from_anchors`."
             )
+        model.stitch_report = _read_report(model.config, location, kwargs)
         return (model, info) if wants_info else model
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
@@ -631,6 +673,7 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
                 tokenizer.save_pretrained(staging)
             _write_model_card(self, staging)
             super().save_pretrained(staging, *args, **kwargs)
+            write_stitch_report(self, staging)
             _replace_folder(staging, target)
         except OSError as error:
             raise OSError(
@@ -644,6 +687,37 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
         # push_to_hub replaces README.md with a generic card after saving: put the palette's card back.
         _write_model_card(self, working_dir, repo_id=repo_id)
         return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
+
+
+def write_stitch_report(palette: StitchedLlamaForCausalLM, folder: str | os.PathLike) -> None:
+    """Write `palette.stitch_report` to `folder/stitch_report.json` (atomically); nothing when nothing was measured.
+    `save_pretrained` calls it; call it alone to update the measurements of a saved palette without its weights."""
+    if not palette.stitch_report:
+        return
+    path = os.path.join(folder, REPORT_FILE)
+    with open(f"{path}.tmp", "w") as f:
+        json.dump(palette.stitch_report, f, indent=2)
+    os.replace(f"{path}.tmp", path)
+
+
+def _read_report(config: StitchedLlamaConfig, location: Any, kwargs: dict) -> dict[str, Any]:
+    """The saved `stitch_report.json`, or the measurements an older palette kept in its config (moved out of it)."""
+    report = {}
+    for key, section in _LEGACY_REPORT_KEYS.items():
+        value = config.__dict__.pop(key, None)
+        if value:
+            report[section] = value
+    hub_kwargs = {
+        k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs
+    }
+    try:
+        path = cached_file(location, REPORT_FILE, **hub_kwargs) if location is not None else None
+    except OSError:  # no report saved: a palette nobody measured yet
+        path = None
+    if path is not None:
+        with open(path) as f:
+            report.update(json.load(f))
+    return report
 
 
 def _package(module: str, what: str) -> Any:

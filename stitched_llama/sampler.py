@@ -4,8 +4,9 @@ Importance of stitch `s` (docs/training.md): after the gradients of a step that 
 `q = mean over the trainable parameters s used of |theta * grad|`, kept as an exponential moving average `I(s)`.
 After a warm-up that visits every stitch in turn, `p(s) = (1 - eps) * softmax(z(s) / tau) + eps / K`, with `z`
 the importances standardised across stitches. The sampler draws from its own seeded generator, so every
-data-parallel rank that feeds it the same (all-reduced) gradients draws the same stitches, and its whole
-state (importance, counts, generator) goes into checkpoints for an exact resume.
+data-parallel rank that feeds it the same (all-reduced) gradients draws the same stitches. `StitchSamplerCallback`
+holds the trainer's sampler and the stitch of every step so far; it is an `ExportableState`, so `Trainer` writes its
+whole state (importance, counts, generator, history) into every checkpoint's `trainer_state.json`, for an exact resume.
 
 `loss-gap` sampling scores a stitch instead by how far its running training loss lies above the best running loss
 of the stitches that cost no more than it does: a stitch far above that frontier is the one training can still
@@ -14,11 +15,14 @@ move onto it. It needs no extra evaluation, only the losses the steps already co
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
 MODES = ("importance", "uniform", "loss-gap")
 
@@ -117,11 +121,17 @@ class StitchSampler:
 
     def update(self, stitch: int, parameters: Iterable[torch.nn.Parameter]) -> float:
         """Fold the SNIP saliency of this step's gradients into the importance of `stitch`; returns the saliency."""
-        total, count = 0.0, 0
-        for p in parameters:
-            if p.grad is not None:
-                total += float((p.detach() * p.grad.detach()).abs().sum())
-                count += p.numel()
+        used = [p for p in parameters if p.grad is not None]
+        sums = [(p.detach() * p.grad.detach()).abs().sum() for p in used]
+        values: list[float] = []
+        if sums:
+            # One device-to-host copy for all of them, not one sync per parameter; promoting the dtypes is exact.
+            dtype = functools.reduce(torch.promote_types, (s.dtype for s in sums))
+            values = torch.stack([s.to(sums[0].device, dtype) for s in sums]).cpu().tolist()
+        total = 0.0
+        for value in values:  # in order, as plain floats (not `sum`, which compensates from Python 3.12 on)
+            total += value
+        count = sum(p.numel() for p in used)
         saliency = total / count if count else 0.0
         if not math.isfinite(saliency):
             raise FloatingPointError(f"Saliency of stitch {stitch} is {saliency}: the gradients hold NaN or inf.")
@@ -154,6 +164,49 @@ class StitchSampler:
         self.counts = list(state["counts"])
         self.losses = list(state.get("losses", [None] * self.num_stitches))  # absent from older checkpoints
         self.generator.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
+
+
+class StitchSamplerCallback(TrainerCallback, ExportableState):
+    """The trainer's `StitchSampler` and the stitch of every optimizer step so far (`history`).
+
+    As an `ExportableState`, `Trainer` writes `state()` into every checkpoint's `trainer_state.json`
+    (`stateful_callbacks["StitchSamplerCallback"]`): `args` rebuild the sampler, `attributes` restore it
+    (`ExportableState.from_state`). The constructor takes the arguments of `StitchSampler`.
+    """
+
+    def __init__(self, num_stitches: int, **sampler_args: Any) -> None:
+        # JSON-ready copies: `state()["args"]` rebuild the sampler through `from_state`.
+        sampler_args = {k: list(v) if isinstance(v, (list, tuple)) else v for k, v in sampler_args.items()}
+        self.sampler_args = {"num_stitches": num_stitches, **sampler_args}
+        self.sampler = StitchSampler(**self.sampler_args)
+        self.history: list[int] = []
+
+    @property
+    def sampler_state(self) -> dict:
+        """`StitchSampler.state_dict()`; setting it loads it (this is how `from_state` restores the sampler)."""
+        return self.sampler.state_dict()
+
+    @sampler_state.setter
+    def sampler_state(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+    def state(self) -> dict:
+        return {
+            "args": dict(self.sampler_args),
+            "attributes": {"sampler_state": self.sampler_state, "history": list(self.history)},
+        }
+
+    def load_state(self, state: dict) -> None:
+        """Restore the `attributes` of `state()` into this callback, keeping its own sampler settings."""
+        for name, value in state["attributes"].items():
+            setattr(self, name, value)
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        # A run resumed from a checkpoint written before the sampler was a callback has no entry for it, and
+        # `Trainer._save_checkpoint` only updates existing entries: add it, so the next checkpoint holds it.
+        state.stateful_callbacks.setdefault(type(self).__name__, self.state())
 
 
 def select_stitches_to_deploy(costs: list[float], importance: list[float], intervals: int) -> list[int]:

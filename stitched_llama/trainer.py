@@ -6,7 +6,8 @@
     palette = merge_esta(trainer.model)   # deployed stitches are in palette.config.deployed_stitches
 
 Every micro-batch of an optimizer step trains the same stitch, and every data-parallel rank uses the same one.
-Checkpoints carry the sampler state and the stitch biases, so `resume_from_checkpoint` continues exactly.
+Checkpoints carry the sampler state (`StitchSamplerCallback`, in `trainer_state.json`) and the stitch biases, so
+`resume_from_checkpoint` continues exactly.
 """
 
 from __future__ import annotations
@@ -24,18 +25,19 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .distillation import TeacherCache, distillation_loss, teacher_topk
 from .esta import METHODS, EstaConfig, prepare_esta, stitch_bias_norms, trainable_parameters, unwrap_palette
 from .modeling_stitched_llama import StitchedLlamaForCausalLM, check_finite
-from .sampler import StitchSampler, select_stitches_to_deploy
+from .sampler import StitchSampler, StitchSamplerCallback, select_stitches_to_deploy
 
 logger = logging.get_logger(__name__)
 
-SAMPLER_STATE = "stitch_sampler.json"
+SAMPLER_STATE = "stitch_sampler.json"  # where checkpoints written before `StitchSamplerCallback` kept the sampler
 MANIFEST = "stitch_manifest.json"
 TRAINABLE_EXTRAS = "stitch_trainable.safetensors"
 REPORT = "esta_report.json"
@@ -239,23 +241,25 @@ class StitchTrainerMixin:
         if args.method == "snnet-full" and sampling != "uniform":
             logger.info("snnet-full is SN-Net direct adaptation: sampling stitches uniformly.")
             sampling = "uniform"
-        self.sampler = StitchSampler(
-            self.palette.num_stitches,
-            mode=sampling,
-            ema=args.importance_ema,
-            temperature=args.importance_temperature,
-            eps=args.importance_eps,
-            warmup_steps=args.stitch_warmup_steps,
-            seed=args.seed,
-            costs=[self.palette.config.stitch_cost(k).flops_per_token for k in range(self.palette.num_stitches)],
-            stitches=args.stitch_indices(self.palette.num_stitches),
+        self.add_callback(
+            StitchSamplerCallback(
+                self.palette.num_stitches,
+                mode=sampling,
+                ema=args.importance_ema,
+                temperature=args.importance_temperature,
+                eps=args.importance_eps,
+                warmup_steps=args.stitch_warmup_steps,
+                seed=args.seed,
+                costs=[self.palette.config.stitch_cost(k).flops_per_token for k in range(self.palette.num_stitches)],
+                stitches=args.stitch_indices(self.palette.num_stitches),
+            )
         )
-        self.stitch_history: list[int] = []
         self._step_stitch: int | None = None
         self._step_of_stitch = -1
         self._eval_stitch: int | None = None
         self._stitch_losses: dict[int, list[float]] = defaultdict(list)
-        self._step_loss = 0.0
+        self._step_losses: list[torch.Tensor] = []  # this step's micro-batch losses, read once at its end
+        self._deployed = False
         self.last_eval_metrics: dict[str, float] = {}
         self.teacher_cache = TeacherCache(args.distill_top_k) if args.distill_cache and args.distill_alpha > 0 else None
         if args.distill_alpha > 0 and getattr(self.palette, "esta_method", None) == "snnet-full":
@@ -266,6 +270,25 @@ class StitchTrainerMixin:
         logger.info(
             f"Trainable parameters: {report['trainable']:,} of {report['total']:,} ({report['trainable_percent']:.3f}%)"
         )
+
+    # ----- the sampler lives in a callback, whose state Transformers checkpoints -----
+
+    @property
+    def sampler_callback(self) -> StitchSamplerCallback:
+        # Looked up rather than kept: `restore_callback_states_from_checkpoint=True` makes `Trainer` replace it.
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, StitchSamplerCallback):
+                return callback
+        raise RuntimeError("This trainer's StitchSamplerCallback was removed: it holds the stitch sampler.")
+
+    @property
+    def sampler(self) -> StitchSampler:
+        return self.sampler_callback.sampler
+
+    @property
+    def stitch_history(self) -> list[int]:
+        """The stitch of every optimizer step so far (restored on resume)."""
+        return self.sampler_callback.history
 
     # ----- one stitch per optimizer step -----
 
@@ -288,12 +311,8 @@ class StitchTrainerMixin:
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         stitch = self._stitch_for_step()
         loss = super().training_step(model, {**inputs, "stitch": stitch}, num_items_in_batch)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"Loss is {float(loss)} at step {self.state.global_step} (stitch {stitch}): training stopped and no "
-                "checkpoint was written over the last good one. Lower the learning rate or set max_grad_norm."
-            )
-        self._step_loss += float(loss)  # micro-batch losses come scaled so that their sum is the step's loss
+        # Kept on the device and read once the step's gradients are complete (`_score_step`): no sync per micro-batch.
+        self._step_losses.append(loss.detach())
         return loss
 
     def compute_loss(
@@ -343,6 +362,18 @@ class StitchTrainerMixin:
         return self.teacher_cache.lookup(inputs["input_ids"], inputs.get("attention_mask"), live)
 
     def _score_step(self) -> None:
+        # Micro-batch losses come scaled so that their sum is the step's loss; one copy to the host reads them all.
+        losses = torch.stack(self._step_losses).cpu().tolist() if self._step_losses else []
+        self._step_losses = []
+        bad = next((value for value in losses if not math.isfinite(value)), None)
+        if bad is not None:
+            raise FloatingPointError(
+                f"Loss is {bad} at step {self.state.global_step} (stitch {self._step_stitch}): training stopped and "
+                "no checkpoint was written over the last good one. Lower the learning rate or set max_grad_norm."
+            )
+        local_loss = 0.0
+        for value in losses:  # in order, as plain floats (not `sum`, which compensates from Python 3.12 on)
+            local_loss += value
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         # A NaN in a weight the step's stitch does not run leaves its loss finite: check every trainable tensor.
         check_finite(
@@ -355,15 +386,14 @@ class StitchTrainerMixin:
             skip = "stitch_biases" if self.args.saliency_params == "shared" else None
             params = [p for n, p in trainable if skip is None or skip not in n]
             self.sampler.update(self._step_stitch, params)
-        step_loss = self._step_loss
+        step_loss = local_loss
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # Every rank must see the same losses, or their samplers would draw different stitches.
             total = torch.tensor([step_loss], dtype=torch.float64, device=self.args.device)
             torch.distributed.all_reduce(total)
             step_loss = float(total) / torch.distributed.get_world_size()
         self.sampler.update_loss(self._step_stitch, step_loss)
-        self._stitch_losses[self._step_stitch].append(self._step_loss)
-        self._step_loss = 0.0
+        self._stitch_losses[self._step_stitch].append(local_loss)
 
     # ----- logging and evaluation per stitch -----
 
@@ -408,6 +438,9 @@ class StitchTrainerMixin:
             self._eval_stitch = None
         metrics[f"{metric_key_prefix}_loss"] = sum(losses) / len(losses)
         self.last_eval_metrics = metrics
+        if self._deployed and not self.is_in_train and metric_key_prefix == "eval":
+            # After training, the deployment report follows the newest evaluation: no second `deploy()` needed.
+            self._write_deployment_report()
         return metrics
 
     def prediction_step(
@@ -421,7 +454,7 @@ class StitchTrainerMixin:
             inputs = {**inputs, "stitch": self._eval_stitch}
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
-    # ----- checkpoints: sampler state and stitch biases travel with them -----
+    # ----- checkpoints: stitch biases travel with them (the sampler's state is in trainer_state.json) -----
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Nothing with a NaN is written: the newest complete checkpoint stays the last good one.
@@ -439,8 +472,6 @@ class StitchTrainerMixin:
             }
         if extras:
             save_file(extras, os.path.join(output_dir, TRAINABLE_EXTRAS))
-        state = {**self.sampler.state_dict(), "history": self.stitch_history}
-        _write_json_atomically(os.path.join(output_dir, SAMPLER_STATE), state)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -451,10 +482,27 @@ class StitchTrainerMixin:
             with torch.no_grad():
                 for name, tensor in extras.items():
                     params[name].copy_(tensor.to(params[name].device))
-        with open(os.path.join(resume_from_checkpoint, SAMPLER_STATE)) as f:
+        self._load_sampler_state(resume_from_checkpoint)
+
+    def _load_sampler_state(self, checkpoint: str) -> None:
+        """The sampler as `checkpoint` left it. Restored here whatever `restore_callback_states_from_checkpoint`
+        says (False by default, and it would restore every other callback too): exact resume needs it."""
+        callback = self.sampler_callback
+        stored = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME)).stateful_callbacks
+        state = stored.get(type(callback).__name__)
+        if isinstance(state, dict):
+            callback.load_state(state)
+            return
+        legacy = os.path.join(checkpoint, SAMPLER_STATE)  # checkpoints written before the sampler was a callback
+        if not os.path.isfile(legacy):
+            raise FileNotFoundError(
+                f"{checkpoint} holds no stitch sampler state (neither {type(callback).__name__} in "
+                f"{TRAINER_STATE_NAME} nor {SAMPLER_STATE}): it was not written by a StitchTrainer."
+            )
+        with open(legacy) as f:
             state = json.load(f)
-        self.sampler.load_state_dict(state)
-        self.stitch_history = list(state["history"])
+        callback.sampler_state = state
+        callback.history = list(state["history"])
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         if resume_from_checkpoint is True:
@@ -469,13 +517,16 @@ class StitchTrainerMixin:
                     "resume from the newest complete checkpoint instead."
                 )
         output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
-        self.deploy()
+        self.deploy()  # once, here; a later `evaluate()` refreshes the report with its metrics
         return output
 
     # ----- one-stage deployment -----
 
     def deploy(self) -> list[int]:
-        """Choose the stitches to deploy (docs/training.md), store them in the config and write the JSON report."""
+        """Choose the stitches to deploy (docs/training.md): stored in the config, with the importance and eval
+        metrics in the palette's report and `esta_report.json`.
+
+        `train()` calls it at its end; call it again only to choose anew (e.g. after changing the sampler)."""
         config = self.palette.config
         costs = [config.stitch_cost(k) for k in range(self.palette.num_stitches)]
         # loss-gap's importance says where training is needed, not what is good: deploy by running loss there.
@@ -484,7 +535,15 @@ class StitchTrainerMixin:
             scores = [-loss if loss is not None else -math.inf for loss in self.sampler.losses]
         chosen = select_stitches_to_deploy([c.flops_per_token for c in costs], scores, self.args.num_deployed_stitches)
         config.deployed_stitches = chosen
-        config.stitch_importance = list(self.sampler.importance)
+        self._deployed = True
+        self._write_deployment_report()
+        return chosen
+
+    def _write_deployment_report(self) -> None:
+        """Importance and eval metrics into the palette's report, and `esta_report.json` for the deployment."""
+        config = self.palette.config
+        chosen = list(config.deployed_stitches)
+        costs = [config.stitch_cost(k) for k in range(self.palette.num_stitches)]
         metrics = {}
         for k in range(self.palette.num_stitches):
             row = {
@@ -494,7 +553,7 @@ class StitchTrainerMixin:
             }
             if row:
                 metrics[str(k)] = {f"eval_{key}": value for key, value in row.items()}
-        config.stitch_metrics = metrics or config.stitch_metrics
+        self.palette.update_stitch_report(metrics=metrics or None, importance=self.sampler.importance)
         if self.args.should_save:
             probabilities = self.sampler.probabilities
             bias_norms = stitch_bias_norms(self.model)
@@ -527,7 +586,6 @@ class StitchTrainerMixin:
             }
             os.makedirs(self.args.output_dir, exist_ok=True)
             _write_json_atomically(os.path.join(self.args.output_dir, REPORT), report)
-        return chosen
 
 
 class _ManifestCallback(TrainerCallback):
@@ -580,15 +638,20 @@ def verify_checkpoint(folder: str) -> str | None:
 
 
 def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest `checkpoint-N` whose files all match its manifest; damaged or unfinished ones are skipped."""
+    """The newest checkpoint of `output_dir` whose files all match its manifest; damaged or unfinished ones are
+    skipped with a warning. Without damage it is `transformers.trainer_utils.get_last_checkpoint(output_dir)`."""
     if not os.path.isdir(output_dir):
         return None
+    # `get_last_checkpoint` only returns the newest, and skipping a damaged one needs the next: list the folders by
+    # its rule (`checkpoint-<step>`, folders only, by step) with the public prefix, not its private regex.
     steps = []
     for name in os.listdir(output_dir):
-        if name.startswith(f"{PREFIX_CHECKPOINT_DIR}-") and name.split("-")[-1].isdigit():
-            steps.append(int(name.split("-")[-1]))
-    for step in sorted(steps, reverse=True):
-        folder = os.path.join(output_dir, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+        prefix, _, step = name.rpartition("-")
+        if prefix == PREFIX_CHECKPOINT_DIR and step.isdecimal():  # what its `\d+` matches
+            if os.path.isdir(os.path.join(output_dir, name)):
+                steps.append((int(step), name))
+    for _, name in sorted(steps, reverse=True):
+        folder = os.path.join(output_dir, name)
         problem = verify_checkpoint(folder)
         if problem is None:
             return folder

@@ -8,18 +8,45 @@ from transformers.dynamic_module_utils import get_relative_import_files
 PACKAGE = Path(__file__).resolve().parents[1] / "stitched_llama"
 
 
-def module_imports(path: Path) -> set[str]:
-    """Sibling modules `path` imports when it is imported (module-level statements, not function bodies)."""
+def module_name(path: Path) -> str:
+    """`search` for stitched_llama/search.py, `cli.build` for stitched_llama/cli/build.py, `cli` for its __init__."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def module_imports(path: Path, package: tuple[str, ...] = ()) -> set[str]:
+    """Sibling modules `path` imports when it is imported (module-level statements, not function bodies), as
+    dotted names below stitched_llama; `package` is the subpackage holding `path` (`("cli",)`), for `from ..x`."""
     found = set()
     for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.ImportFrom):
-            if node.level == 1 and node.module:
-                found.add(node.module.split(".")[0])
-            elif node.level == 1:
-                found.update(alias.name for alias in node.names)
-            elif node.module and node.module.startswith("stitched_llama."):
-                found.add(node.module.split(".")[1])
+        if isinstance(node, ast.ImportFrom) and node.level >= 1:
+            if node.level - 1 > len(package):
+                continue  # above stitched_llama
+            base = list(package[: len(package) - (node.level - 1)])
+            if node.module:
+                found.add(".".join(base + node.module.split(".")))
+            else:
+                found.update(".".join([*base, alias.name]) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("stitched_llama."):
+            found.add(node.module.removeprefix("stitched_llama."))
     return found
+
+
+def package_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports at import time, subpackages (`cli/`) included."""
+    paths = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    paths.pop("", None)  # stitched_llama/__init__.py
+
+    def module(name: str) -> str:  # `cli.main` (`from . import main` in cli/) is the module `cli`
+        while name and name not in paths:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph = {}
+    for name, path in paths.items():
+        imported = {module(n) for n in module_imports(path, tuple(path.relative_to(PACKAGE).parent.parts))}
+        graph[name] = imported - {"", name}
+    return graph
 
 
 def test_only_the_config_and_the_model_travel_as_remote_code():
@@ -48,11 +75,26 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_the_package_has_no_import_cycle():
-    modules = {p.stem: p for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
-    graph = {name: module_imports(path) & modules.keys() for name, path in modules.items()}
+    graph = package_graph()
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
     assert graph["modeling_stitched_llama"] == {"configuration_stitched_llama"}
     assert graph["configuration_stitched_llama"] == set()
+    commands = {f"cli.{name}" for name in ("build", "train", "evaluate", "export", "chat", "demo")}
+    assert graph["cli"] == commands | {"cli._common"}  # the command package is read, one module per command
+    assert all(graph[name] == {"cli._common"} for name in commands), {name: graph[name] for name in commands}
+
+
+def test_the_cli_imports_no_heavy_library_at_import_time():
+    # `stitched-llama --help` must not wait for them: each command imports what it needs when it runs.
+    heavy = {"torch", "transformers", "datasets", "peft", "accelerate", "matplotlib"}
+    for path in (PACKAGE / "cli").glob("*.py"):
+        imported = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Import):
+                imported.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+        assert not imported & heavy, (path.name, imported & heavy)
 
 
 def test_the_cycle_check_finds_a_cycle(tmp_path):

@@ -139,9 +139,9 @@ def deploy_runs(ws, trained, pool) -> dict[str, Future]:
 def trained(ws, built, error_runs) -> tuple[Path, str]:
     result = cli(
         "train", built[0], "--train-file", ws / "train.jsonl", "--eval-file", ws / "eval.jsonl",
-        "--output_dir", ws / "run", "--max_steps", "6", "--per_device_train_batch_size", "4",
-        "--learning_rate", "1e-2", "--logging_steps", "3", "--save_strategy", "no", "--report_to", "none",
-        "--use_cpu", "--num_deployed_stitches", "2",
+        "--output-dir", ws / "run", "--max-steps", "6", "--per-device-train-batch-size", "4",
+        "--learning-rate", "1e-2", "--logging-steps", "3", "--save-strategy", "no", "--report-to", "none",
+        "--use-cpu", "--num-deployed-stitches", "2",
     )  # fmt: skip
     return ws / "run", ok(result)
 
@@ -188,9 +188,9 @@ def test_build_with_search_keeps_the_best_stitch_per_budget(ws):
 
 def test_train_on_plain_text_with_distillation(ws, built):
     result = cli(
-        "train", built[0], "--text", ws / "text.txt", "--output_dir", ws / "run-text", "--max_steps", "3",
-        "--per_device_train_batch_size", "2", "--max-length", "16", "--distill_alpha", "0.5", "--save_strategy",
-        "no", "--report_to", "none", "--use_cpu", "--num_deployed_stitches", "1",
+        "train", built[0], "--text", ws / "text.txt", "--output-dir", ws / "run-text", "--max-steps", "3",
+        "--per-device-train-batch-size", "2", "--max-length", "16", "--distill-alpha", "0.5", "--save-strategy",
+        "no", "--report-to", "none", "--use-cpu", "--num-deployed-stitches", "1",
     )  # fmt: skip
     out = ok(result)
     assert "evaluating on the training text blocks" in out  # 8 short paragraphs: too few blocks to hold any out
@@ -200,7 +200,7 @@ def test_train_on_plain_text_with_distillation(ws, built):
 
 
 def test_train_needs_exactly_one_kind_of_data(ws, built):
-    both = cli("train", built[0], "--text", ws / "text.txt", "--train-file", ws / "train.jsonl", "--output_dir", ws)
+    both = cli("train", built[0], "--text", ws / "text.txt", "--train-file", ws / "train.jsonl", "--output-dir", ws)
     assert both.returncode == 2 and "pass one of --train-file" in both.stderr
 
 
@@ -211,7 +211,8 @@ def test_evaluate_writes_report_and_updates_palette(ws, deploy_runs):
     for name in ("evaluation.md", "evaluation.csv", "evaluation.json", "pareto.png"):
         assert (ws / "eval" / name).is_file() and str(ws / "eval" / name) in out
     rows = json.loads((ws / "eval" / "evaluation.json").read_text())["stitches"]
-    metrics = json.loads((palette_dir / "config.json").read_text())["stitch_metrics"]
+    metrics = json.loads((palette_dir / "stitch_report.json").read_text())["metrics"]
+    assert "stitch_metrics" not in json.loads((palette_dir / "config.json").read_text())
     assert sorted(metrics) == ["0", "1", "2", "3"]
     assert metrics["2"]["eval_loss"] == pytest.approx(rows[2]["loss"])
     assert metrics["2"]["eval_perplexity"] == pytest.approx(rows[2]["perplexity"])
@@ -276,8 +277,8 @@ def test_help_of_every_command(capsys):
             "--train-file",
             "--eval-file",
             "--max-length",
-            "--output_dir",
-            "--max_steps",
+            "--output-dir",
+            "--max-steps",
             "--sampling",
             "--method",
         ],
@@ -310,3 +311,56 @@ def test_user_errors_exit_2_with_one_line(ws, error_runs):
         usage = [i for i, line in enumerate(lines) if line.startswith(f"usage: stitched-llama {args[0]}")]
         assert usage and usage[0] < lines.index(errors[0]), (args, lines)
     assert not (ws / "never-written").exists()
+
+
+def test_train_takes_dashed_and_underscored_flags(tmp_path):
+    from stitched_llama.cli.train import train_parser
+
+    values = {
+        "output-dir": str(tmp_path),
+        "max-steps": "7",
+        "per-device-train-batch-size": "3",
+        "distill-alpha": "0.25",
+    }
+    parsed = []
+    for separator in ("-", "_"):  # --max-steps as every other command spells it, --max_steps as transformers does
+        argv = ["palette", "--train-file", "train.jsonl", f"--use{separator}cpu"]
+        argv += [item for flag, value in values.items() for item in (f"--{flag.replace('-', separator)}", value)]
+        data, training, rest = train_parser().parse_args_into_dataclasses(args=argv)
+        parsed.append(
+            (rest.palette_dir, data.train_file, training.output_dir, training.max_steps)
+            + (training.per_device_train_batch_size, training.distill_alpha, training.use_cpu)
+        )
+    assert parsed == [("palette", "train.jsonl", str(tmp_path), 7, 3, 0.25, True)] * 2
+
+
+def test_train_help_shows_our_options_first_with_dashes(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    headings = [line for line in out.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert headings[headings.index("options:") + 1] == "data:", headings  # the first option group is ours
+
+    def position(flag: str) -> int:  # where the option's own line is (the description names flags too)
+        return out.index(f"\n  {flag} ")
+
+    inherited = out.index("\nTransformers TrainingArguments:\n")
+    assert position("--train-file") < position("--method") < position("--distill-alpha") < inherited
+    assert inherited < position("--output-dir") and inherited < position("--adam-beta1")
+    assert "\n  --output_dir" not in out and "\n  --max_steps" not in out  # one flag style shown
+
+
+def test_user_error_prints_the_command_usage_then_the_error(tmp_path, capsys):
+    missing = str(tmp_path / "missing")
+    runs = {
+        "export": ["export", missing, "--stitch", "0", "--out", str(tmp_path / "out")],
+        "train": ["train", missing, "--train-file", "train.jsonl", "--output-dir", str(tmp_path / "run"), "--use-cpu"],
+    }
+    for command, argv in runs.items():
+        assert main(argv) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        usage = [i for i, line in enumerate(lines) if line.startswith(f"usage: stitched-llama {command} ")]
+        assert lines[-1].startswith(f"stitched-llama {command}: error: palette folder {missing!r} does not exist")
+        assert len(usage) == 1 and usage[0] < len(lines) - 1, lines
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()

@@ -99,3 +99,13 @@ def test_bad_config_is_rejected_with_the_fix(kwargs, message):
 def test_malformed_stitches_are_refused_not_truncated(bad):
     with pytest.raises(ValueError, match=r"is not an `\(n, j\)` pair of integers"):
         StitchedLlamaConfig(small_config=tiny(), large_config=tiny(num_hidden_layers=4), stitches=[bad])
+
+
+def test_the_config_and_from_anchors_agree_on_first_token_mapping():
+    import inspect
+
+    from stitched_llama import StitchedLlamaForCausalLM
+
+    built = StitchedLlamaConfig(small_config=tiny(), large_config=tiny(hidden_size=64))
+    default = inspect.signature(StitchedLlamaForCausalLM.from_anchors).parameters["map_first_token"].default
+    assert built.map_first_token is default is True

@@ -395,3 +395,19 @@ def test_real_chatml_templates(name):
         assert labelled_runs(tokenizer, example) == [f"{r}<|im_end|>\n" for r in responses]
         masked = unlabelled_text(tokenizer, example)
         assert all(m["content"] in masked for m in record["messages"] if m["role"] != "assistant")
+
+
+def test_plain_text_becomes_eos_joined_blocks(tiny_tokenizer):
+    from stitched_llama.data import tokenize_texts
+
+    eos = tiny_tokenizer.eos_token_id  # 2; word w{i} is id i + 4
+    rows = tokenize_texts(["w1 w2 w3", "", "w4 w5"], tiny_tokenizer, block_size=3)
+    assert rows["input_ids"] == [[5, 6, 7], [eos, 8, 9]]  # the empty text is skipped, a 1-token tail dropped
+    assert rows["labels"] == rows["input_ids"] and rows["attention_mask"] == [[1, 1, 1]] * 2
+    texts = ["w1 w2 w3 w4", "w5 w1"]
+    assert tokenize_texts(texts, tiny_tokenizer, block_size=3)["input_ids"] == [[5, 6, 7], [8, eos, 9], [5, eos]]
+    assert tokenize_texts(texts, tiny_tokenizer, block_size=3, drop_last=True)["input_ids"] == [[5, 6, 7], [8, eos, 9]]
+    with pytest.raises(TypeError, match="wrap it as \\[text\\]"):
+        tokenize_texts("w1 w2", tiny_tokenizer)
+    with pytest.raises(ValueError, match="block_size=1"):
+        tokenize_texts(["w1 w2"], tiny_tokenizer, block_size=1)

@@ -107,12 +107,29 @@ def test_select_stitch_under_budgets():
     fitting = [k for k, c in enumerate(costs) if c.params <= limit]
     assert palette.select_stitch(max_params=limit) == max(fitting, key=lambda k: costs[k].flops_per_token)
     assert palette.select_stitch(max_flops=f"{costs[1].flops_per_token / 1e3}K") in {0, 1}
-    palette.config.stitch_importance = [5.0, 1.0, 9.0, 0.0, 0.0]
+    palette.update_stitch_report(importance=[5.0, 1.0, 9.0, 0.0, 0.0])
     assert palette.select_stitch() == 2
-    palette.config.stitch_metrics = {str(k): {"eval_loss": 3.0 - 0.1 * k} for k in range(palette.num_stitches)}
-    palette.config.stitch_metrics["1"]["eval_loss"] = 0.5
+    metrics = {str(k): {"eval_loss": 3.0 - 0.1 * k} for k in range(palette.num_stitches)}
+    metrics["1"]["eval_loss"] = 0.5
+    palette.update_stitch_report(metrics=metrics)
     assert palette.select_stitch() == 1
     assert palette.select_stitch(max_params=costs[0].params) == 0
+
+
+def test_the_report_travels_next_to_the_weights_not_in_the_config(tmp_path):
+    palette, _ = build_palette("llama")
+    palette.save_pretrained(tmp_path / "plain")
+    assert not (tmp_path / "plain" / "stitch_report.json").exists()  # nothing measured, nothing written
+    metrics = {str(k): {"eval_loss": 1.0 + k} for k in range(palette.num_stitches)}
+    palette.update_stitch_report(metrics=metrics, importance=[0.5] * palette.num_stitches)
+    palette.save_pretrained(tmp_path / "measured")
+    again = StitchedLlamaForCausalLM.from_pretrained(tmp_path / "measured")
+    assert again.stitch_report == {"metrics": metrics, "importance": [0.5] * palette.num_stitches}
+    assert StitchedLlamaForCausalLM.from_pretrained(tmp_path / "plain").stitch_report == {}
+    with pytest.raises(ValueError, match="stitches \\['9'\\].*key the metrics by stitch index"):
+        palette.update_stitch_report(metrics={"9": {"eval_loss": 1.0}})
+    with pytest.raises(ValueError, match="2 importance scores .* one score per stitch"):
+        palette.update_stitch_report(importance=[1.0, 2.0])
 
 
 @pytest.mark.parametrize(
@@ -144,7 +161,8 @@ def test_profile_is_stored_and_travels(tmp_path):
     assert palette.select_stitch(max_latency_ms=slowest * 1.01) == palette.num_stitches - 1
     palette.save_pretrained(tmp_path)
     again = StitchedLlamaForCausalLM.from_pretrained(tmp_path)
-    assert again.config.stitch_profile["stitches"] == rows
+    assert again.stitch_report["profile"]["stitches"] == rows
+    assert "stitch_profile" not in json.loads((tmp_path / "config.json").read_text())  # measurements, not the model
     assert again.select_stitch(max_memory_mb=rows["0"]["memory_mb"]) == 0
 
 
@@ -180,7 +198,7 @@ def test_model_card_lists_stitches_and_is_pushed(tmp_path, monkeypatch):
 
     palette, _ = build_palette("llama")
     palette.config.deployed_stitches = [0, 2, palette.num_stitches - 1]
-    palette.config.stitch_metrics = {str(k): {"eval_perplexity": 10.0 - k} for k in range(palette.num_stitches)}
+    palette.update_stitch_report(metrics={str(k): {"eval_perplexity": 10.0 - k} for k in range(palette.num_stitches)})
     palette.save_pretrained(tmp_path)
     card = (tmp_path / "README.md").read_text()
     assert "| 2 | (1, 2) | hybrid |" in card and "8.00 | yes |" in card

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from stitched_llama.trainer import MANIFEST, SAMPLER_STATE, TRAINABLE_EXTRAS, last_complete_checkpoint
+from stitched_llama.trainer import MANIFEST, TRAINABLE_EXTRAS, last_complete_checkpoint
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "distributed_worker.py"
@@ -30,7 +30,6 @@ CHECKPOINT_FILES = {
     "adapter_config.json",
     "adapter_model.safetensors",
     TRAINABLE_EXTRAS,
-    SAMPLER_STATE,
     MANIFEST,  # written by rank 0 once the rest is complete
     "trainer_state.json",
     "training_args.bin",
@@ -176,12 +175,14 @@ def test_rank_zero_writes_each_checkpoint_once(run):
         folder = train / f"checkpoint-{n}"
         files = {p.name for p in folder.iterdir()}
         assert CHECKPOINT_FILES <= files, sorted(CHECKPOINT_FILES - files)
-        assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == n
-        # the sampler state saved is the one every rank had after step n
-        saved = json.loads((folder / SAMPLER_STATE).read_text())
+        trainer_state = json.loads((folder / "trainer_state.json").read_text())
+        assert trainer_state["global_step"] == n
+        # the sampler state saved (by Transformers, as the callback's state) is the one every rank had after step n
+        attributes = trainer_state["stateful_callbacks"]["StitchSamplerCallback"]["attributes"]
+        saved = attributes["sampler_state"]
         for rec in by_rank.values():
             at_step = rec["steps"][n - 1]
-            assert saved["history"] == rec["stitch_history"][:n] == at_step["history"]
+            assert attributes["history"] == rec["stitch_history"][:n] == at_step["history"]
             assert saved["counts"] == at_step["sampler"]["counts"]
             assert saved["generator"] == at_step["sampler"]["generator"]
             assert saved["importance"] == pytest.approx(at_step["sampler"]["importance"], rel=1e-6, abs=0)

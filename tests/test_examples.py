@@ -17,14 +17,14 @@ def test_train_esta_example_end_to_end(tmp_path):
     command = [
         sys.executable,
         str(ROOT / "examples" / "train_esta.py"),
-        "--output_dir", str(tmp_path),
-        "--max_steps", "12",
-        "--per_device_train_batch_size", "8",
-        "--learning_rate", "3e-3",
-        "--save_steps", "6",
-        "--report_to", "none",
-        "--use_cpu",
-        "--disable_tqdm", "1",
+        "--output-dir", str(tmp_path),
+        "--max-steps", "12",
+        "--per-device-train-batch-size", "8",
+        "--learning-rate", "3e-3",
+        "--save-steps", "6",
+        "--report-to", "none",
+        "--use-cpu",
+        "--disable-tqdm", "1",
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)

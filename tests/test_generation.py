@@ -80,6 +80,27 @@ def test_static_cache_matches_dynamic_cache(palette_and_anchors):
 
 
 @torch.no_grad()
+def test_static_cache_decodes_under_torch_compile_in_one_graph():
+    # The GPU recipe: a static cache and a compiled forward. fullgraph=True fails on any graph break (a branch on
+    # the cache's length, which is a tensor there); the eager backend traces the same graph without a C compiler.
+    palette, _ = build_palette("llama", map_first_token=True)
+    x = prompt(batch=1)
+    hybrid = next(k for k in range(palette.num_stitches) if palette.config.stitch_kind(k) == "hybrid")
+    stitches = (0, hybrid, palette.num_stitches - 1)
+    expected = {k: generate(palette, x, do_sample=False, stitch=k, use_cache=False) for k in stitches}
+    forward = palette.forward
+    try:
+        for k in stitches:
+            torch._dynamo.reset()  # one compiled forward per served stitch, as a deployment would have
+            palette.forward = torch.compile(forward, fullgraph=True, backend="eager")
+            static = generate(palette, x, do_sample=False, stitch=k, cache_implementation="static")
+            assert torch.equal(static, expected[k]), f"stitch {k}"
+    finally:
+        palette.forward = forward
+        torch._dynamo.reset()
+
+
+@torch.no_grad()
 def test_self_speculative_decoding_matches_greedy(palette_and_anchors):
     palette, _ = palette_and_anchors
     x = prompt(batch=1)

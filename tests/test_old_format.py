@@ -44,3 +44,21 @@ def test_an_old_palette_loads_as_its_own_remote_code(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "old-remote-ok" in result.stdout
+
+
+def test_measurements_an_old_config_held_move_to_the_report(tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "old"
+    shutil.copytree(FIXTURE, folder)
+    config = json.loads((folder / "config.json").read_text())
+    # What the trainer and `evaluate` wrote into the config before the report file existed.
+    config |= {"stitch_metrics": {"1": {"eval_loss": 2.5}}, "stitch_importance": [0.1, 0.7, 0.2]}
+    (folder / "config.json").write_text(json.dumps(config))
+    palette = StitchedLlamaForCausalLM.from_pretrained(folder)
+    assert palette.stitch_report == {"metrics": {"1": {"eval_loss": 2.5}}, "importance": [0.1, 0.7, 0.2]}
+    palette.save_pretrained(tmp_path / "resaved")
+    resaved = json.loads((tmp_path / "resaved" / "config.json").read_text())
+    assert not {"stitch_metrics", "stitch_importance", "stitch_profile"} & set(resaved)
+    assert json.loads((tmp_path / "resaved" / "stitch_report.json").read_text()) == palette.stitch_report

@@ -8,9 +8,17 @@ import torch
 from conftest import VOCAB, build_palette, record_stitches
 from datasets import Dataset
 from transformers import TrainerCallback, default_data_collator
+from transformers.trainer_utils import get_last_checkpoint
 
-from stitched_llama.sampler import StitchSampler, select_stitches_to_deploy
-from stitched_llama.trainer import StitchTrainer, StitchTrainingArguments, last_complete_checkpoint
+from stitched_llama.sampler import StitchSampler, StitchSamplerCallback, select_stitches_to_deploy
+from stitched_llama.trainer import (
+    REPORT,
+    SAMPLER_STATE,
+    StitchTrainer,
+    StitchTrainingArguments,
+    last_complete_checkpoint,
+    write_manifest,
+)
 
 
 def dataset(n=48, length=12, seed=0):
@@ -231,3 +239,117 @@ def test_train_stitches_trains_that_stitch_alone(tmp_path):
     assert trainer.sampler.counts == [0] * last + [5]
     with pytest.raises(ValueError, match=rf"'{last + 1}' is not a stitch index of this palette.*-{last + 1}..{last}"):
         make_trainer(tmp_path, train_stitches=f"0,{last + 1}")
+
+
+def sampler_entry(checkpoint):
+    """The sampler callback's state as Transformers stored it in the checkpoint's trainer_state.json."""
+    return json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]["StitchSamplerCallback"]
+
+
+def test_checkpoints_keep_the_sampler_in_trainer_state(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=6, save_strategy="steps", save_steps=3)
+    trainer.train()
+    for step in (3, 6):
+        checkpoint = tmp_path / f"checkpoint-{step}"
+        entry = sampler_entry(checkpoint)
+        assert entry["attributes"]["history"] == trainer.stitch_history[:step]
+        assert sum(entry["attributes"]["sampler_state"]["counts"]) == step
+        assert entry["args"]["num_stitches"] == trainer.palette.num_stitches
+        assert not (checkpoint / SAMPLER_STATE).exists()  # the sampler has one home now
+    final = trainer.sampler.state_dict()
+    assert sampler_entry(tmp_path / "checkpoint-6")["attributes"]["sampler_state"] == json.loads(json.dumps(final))
+
+
+def test_sampler_callback_state_round_trips_through_from_state():
+    callback = StitchSamplerCallback(5, seed=3, warmup_steps=0, costs=[1, 2, 3, 4, 5])
+    callback.sampler.importance, callback.sampler.scored = [1.0, 2.0, 3.0, 0.5, 1.5], [True] * 5
+    callback.history = [callback.sampler.sample(i) for i in range(7)]
+    again = StitchSamplerCallback.from_state(json.loads(json.dumps(callback.state())))  # as trainer_state.json does
+    assert again.history == callback.history and again.sampler.state_dict() == callback.sampler.state_dict()
+    assert [again.sampler.sample(i) for i in range(20)] == [callback.sampler.sample(i) for i in range(20)]
+
+
+def as_older_checkpoint(checkpoint):
+    """Rewrite a checkpoint into the layout of before the sampler was a callback: `stitch_sampler.json`."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    attributes = state["stateful_callbacks"].pop("StitchSamplerCallback")["attributes"]
+    (checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    (checkpoint / SAMPLER_STATE).write_text(
+        json.dumps({**attributes["sampler_state"], "history": attributes["history"]})
+    )
+    write_manifest(str(checkpoint))
+
+
+@pytest.mark.parametrize("layout", ["older", "restore_callback_states"])
+def test_resume_is_exact_from_an_older_checkpoint_and_with_restored_callbacks(tmp_path, layout):
+    straight = make_trainer(tmp_path / "a", max_steps=6)
+    straight.train()
+    make_trainer(tmp_path / "b", max_steps=6, save_strategy="steps", save_steps=3).train()
+    os.rename(tmp_path / "b" / "checkpoint-6", tmp_path / "b" / "finished-6")  # the resumed run writes it anew
+    extra = {}
+    if layout == "older":
+        as_older_checkpoint(tmp_path / "b" / "checkpoint-3")
+    else:  # Transformers then rebuilds the callback from the checkpoint: the trainer must follow the new one
+        extra["restore_callback_states_from_checkpoint"] = True
+    resumed = make_trainer(tmp_path / "b", max_steps=6, save_strategy="steps", save_steps=3, **extra)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
+    assert resumed.stitch_history == straight.stitch_history
+    a, b = resumed.sampler.state_dict(), straight.sampler.state_dict()
+    assert a["counts"] == b["counts"] and a["generator"] == b["generator"] and a["scored"] == b["scored"]
+    assert a["importance"] == pytest.approx(b["importance"], rel=1e-6)
+    a, b = final_state(straight), final_state(resumed)
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+    # the checkpoint written after resuming holds the sampler the new way
+    assert sampler_entry(tmp_path / "b" / "checkpoint-6")["attributes"]["history"] == straight.stitch_history
+
+
+def test_deployment_runs_once_and_a_later_evaluation_fills_the_report(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, max_steps=4, num_deployed_stitches=2)
+    calls = []
+    deploy = trainer.deploy
+    monkeypatch.setattr(trainer, "deploy", lambda: calls.append(1) or deploy())
+    trainer.train()
+    assert len(calls) == 1
+    deployed = trainer.palette.config.deployed_stitches
+    assert deployed and all("eval_loss" not in row for row in json.loads((tmp_path / REPORT).read_text())["stitches"])
+    metrics = trainer.evaluate()
+    assert len(calls) == 1  # no second deployment: the report follows the evaluation
+    report = json.loads((tmp_path / REPORT).read_text())
+    assert report["deployed_stitches"] == deployed == trainer.palette.config.deployed_stitches
+    k = trainer.palette.num_stitches
+    assert [row["eval_loss"] for row in report["stitches"]] == [metrics[f"eval_stitch{i}_loss"] for i in range(k)]
+    assert trainer.palette.stitch_report["metrics"]["0"]["eval_loss"] == metrics["eval_stitch0_loss"]
+    assert trainer.palette.stitch_report["importance"] == trainer.sampler.importance
+
+
+def test_a_nan_loss_stops_training_naming_step_and_stitch(tmp_path):
+    class Poison(TrainerCallback):
+        """NaN into a frozen weight of the large anchor: its loss is NaN while every trainable tensor is finite."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                with torch.no_grad():
+                    trainer.palette.large.model.norm.weight.fill_(float("nan"))
+
+    trainer = make_trainer(tmp_path, max_steps=6, train_stitches="-1", save_strategy="steps", save_steps=2)
+    trainer.add_callback(Poison())
+    last = trainer.palette.num_stitches - 1
+    with pytest.raises(FloatingPointError, match=rf"Loss is nan at step 2 \(stitch {last}\): training stopped"):
+        trainer.train()
+    assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+
+
+def test_last_complete_checkpoint_names_and_orders_as_transformers(tmp_path, caplog):
+    for name in ("checkpoint-9", "checkpoint-10", "checkpoint-10.tmp", "checkpoint-x", "old-checkpoint-11"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "weights.bin").write_bytes(name.encode())
+        write_manifest(str(tmp_path / name))
+    (tmp_path / "checkpoint-12").write_text("a file, not a checkpoint")
+    assert (
+        last_complete_checkpoint(str(tmp_path)) == get_last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    )
+    (tmp_path / "checkpoint-10" / "weights.bin").write_bytes(b"damaged")
+    with caplog.at_level("WARNING"):
+        assert last_complete_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-9")
+    assert "Skipping checkpoint" in caplog.text and "checkpoint-10" in caplog.text
