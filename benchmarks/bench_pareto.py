@@ -773,13 +773,11 @@ def _collect_states(
 
 
 def _ridge_fit(x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
-    """The library's objective (stitch_init.fit_stitch_layers): ridge relative to the mean eigenvalue, bias free."""
+    """The library's fit (stitch_init.ridge_solve) on states held in memory, so the diagnostics can filter them."""
+    from stitched_llama.stitch_init import ridge_solve
+
     x1 = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], dim=1)
-    gram = x1.T @ x1
-    penalty = torch.ones(len(gram), dtype=x.dtype)
-    penalty[-1] = 0.0
-    lam = ridge * float(gram.diagonal()[:-1].mean())
-    return torch.linalg.solve(gram + lam * torch.diag(penalty), x1.T @ y)
+    return ridge_solve(x1.T @ x1, x1.T @ y, ridge)
 
 
 def _rel_err(w: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float | None:

@@ -121,6 +121,15 @@ def calibration_batches(
     return batches
 
 
+def ridge_solve(gram: torch.Tensor, xty: torch.Tensor, ridge: float = 1e-2) -> torch.Tensor:
+    """`[d_in + 1, d_out]`: the `W` minimising ||XW - Y||^2 + lam ||W[:-1]||^2, from `gram = X^T X` and `xty = X^T Y`
+    where X's last column is ones (the bias, not penalised); `lam` is `ridge` times the mean eigenvalue of X^T X."""
+    penalty = torch.ones(len(gram), dtype=gram.dtype)
+    penalty[-1] = 0.0
+    lam = ridge * float(torch.diagonal(gram)[:-1].mean())
+    return torch.linalg.solve(gram + lam * torch.diag(penalty), xty)
+
+
 @torch.no_grad()
 def fit_stitch_layers(
     small: nn.Module,
@@ -187,10 +196,7 @@ def fit_stitch_layers(
         if key not in xtx:
             continue
         gram = xtx[key]
-        penalty = torch.ones(d_in, dtype=torch.float64)
-        penalty[-1] = 0.0
-        lam = ridge * float(torch.diagonal(gram)[:-1].mean())
-        w = torch.linalg.solve(gram + lam * torch.diag(penalty), xty[key])
+        w = ridge_solve(gram, xty[key], ridge)
         residual = float((w * (gram @ w)).sum() - 2 * (w * xty[key]).sum()) + yty[key]
         errors[key] = math.sqrt(max(residual, 0.0) / max(yty[key], 1e-30))
         layer.weight.copy_(w[:-1].T.to(layer.weight.dtype))

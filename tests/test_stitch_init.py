@@ -137,3 +137,19 @@ def test_no_calibration_falls_back_with_a_warning(caplog):
         palette = StitchedLlamaForCausalLM.from_anchors(small, large)
     assert "No calibration data given" in caplog.text
     assert set(palette.stitch_fit_errors) == set(palette.stitch_layers)
+
+
+def test_ridge_solve_equals_least_squares_on_the_augmented_problem():
+    from stitched_llama.stitch_init import ridge_solve
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(50, 6, generator=g, dtype=torch.float64), torch.ones(50, 1, dtype=torch.float64)], 1)
+    y = torch.randn(50, 4, generator=g, dtype=torch.float64)
+    gram = x.T @ x
+    lam = 0.3 * float(gram.diagonal()[:-1].mean())
+    # ||XW - Y||^2 + lam ||W[:-1]||^2 is plain least squares on X stacked over sqrt(lam) [I 0] (the bias unpenalised)
+    penalty = torch.cat([lam**0.5 * torch.eye(6, dtype=torch.float64), torch.zeros(6, 1, dtype=torch.float64)], 1)
+    expected = torch.linalg.lstsq(
+        torch.cat([x, penalty]), torch.cat([y, torch.zeros(6, 4, dtype=torch.float64)])
+    ).solution
+    assert torch.allclose(ridge_solve(gram, x.T @ y, ridge=0.3), expected, atol=1e-10)
