@@ -105,3 +105,19 @@ def test_the_cycle_check_finds_a_cycle(tmp_path):
     assert graph == {"a": {"b"}, "b": {"c"}, "c": set()} and find_cycle(graph) is None
     graph["c"].add("a")
     assert find_cycle(graph) == ["a", "b", "c", "a"]
+
+
+def test_help_does_not_import_bitsandbytes():
+    import subprocess
+    import sys
+
+    # bitsandbytes prints "Failed to load CPU gemm_4bit_forward ..." when imported on a CPU machine.
+    script = (
+        "import sys\nfrom stitched_llama.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('bitsandbytes imported' if 'bitsandbytes' in sys.modules else 'bitsandbytes not imported')"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage: stitched-llama" in result.stdout and "bitsandbytes not imported" in result.stdout
+    assert "gemm_4bit" not in result.stdout + result.stderr
