@@ -298,8 +298,47 @@ def report(out: Path) -> None:
             lines.append(
                 f"| {row['name']} | {row['kind']} | {row['flops_per_token'] / 1e6:.2f} | " + " | ".join(cells) + " |"
             )
+    if any(run.get("points") for run in runs):
+        plot_tokens(results, out / "tokens.png")
+        lines += ["", "![Held-out perplexity against training tokens](tokens.png)"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def plot_tokens(results: dict, path: Path) -> None:
+    """Held-out perplexity of every stitch against training tokens, for the runs evaluated as they went (untuned at
+    0 tokens); a stitch tuned alone with the same budget is a marker at the end of the curve."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    tokens = results["settings"]["tokens_per_run"]
+    figure = Figure(figsize=(7, 4.5))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    colours = {}
+    for run in results["runs"]:
+        if not run.get("points"):
+            continue
+        for row in results["untuned"]:
+            k = row["stitch"]
+            curve = [(0, row["perplexity"])]
+            curve += [(p["tokens"], r["perplexity"]) for p in run["points"] for r in p["stitches"] if r["stitch"] == k]
+            curve += [(tokens, r["perplexity"]) for r in run["stitches"] if r["stitch"] == k]
+            label = f"{row['name']} {row['kind']}, {row['flops_per_token'] / 1e9:.2f} GF ({run['method']})"
+            (line,) = axes.plot(*zip(*curve), marker="o", label=label)
+            colours[k] = line.get_color()
+    for run in results["runs"]:
+        if run["method"] == PER_STITCH:
+            for r in run["stitches"]:
+                axes.plot([tokens], [r["perplexity"]], marker="*", markersize=14, color=colours.get(r["stitch"]),
+                          linestyle="none", label=f"{r['name']} tuned alone ({run['method']})")  # fmt: skip
+    axes.set_xlabel("training tokens")
+    axes.set_ylabel("held-out Python-docs perplexity")
+    axes.set_yscale("log")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> None:
