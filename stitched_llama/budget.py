@@ -186,7 +186,7 @@ def _weight_bytes(palette: nn.Module, stitch: int) -> int:
     prefixes = tuple(p + "." for p in palette.stitch_module_prefixes(stitch))
     seen, total = set(), 0
     for name, p in palette.named_parameters(remove_duplicate=False):
-        if name.replace(".base_layer", "").startswith(prefixes) and id(p) not in seen:
+        if palette.runs_parameter(name, stitch, prefixes) and id(p) not in seen:
             seen.add(id(p))
             total += p.numel() * p.element_size()
     return total

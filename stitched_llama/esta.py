@@ -6,8 +6,9 @@
     palette = merge_esta(model)                          # LoRA folded into the anchors, biases kept
 
 The LoRA on a layer is shared by every stitch that runs that layer, so merging it is valid for all stitches at
-once. Stitch-specific biases are zero-initialised parameters of the palette itself (`palette.stitch_biases`);
-they are added only while their stitch runs, and survive merging and `save_pretrained`.
+once. Stitch-specific biases are zero-initialised layers on the linears they bias (`StitchBias`, parameters
+`q_proj.stitch_bias.<stitch>`); each is added only while its stitch runs, and they survive merging and
+`save_pretrained`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from .configuration_stitched_llama import StitchedLlamaConfig
-from .modeling_stitched_llama import StitchedLlamaForCausalLM
+from .modeling_stitched_llama import StitchedLlamaForCausalLM, stitch_of_bias
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -96,8 +97,13 @@ def prepare_esta(palette: StitchedLlamaForCausalLM, config: EstaConfig | None = 
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(palette, lora)
-    palette.stitch_biases.requires_grad_(True)  # peft froze everything but LoRA
+    _stitch_biases_trainable(palette, True)  # peft froze everything but LoRA
     return model
+
+
+def _stitch_biases_trainable(palette: StitchedLlamaForCausalLM, trainable: bool) -> None:
+    for _, module in palette.named_stitch_bias_modules():
+        module.requires_grad_(trainable)
 
 
 def unwrap_palette(model: nn.Module) -> StitchedLlamaForCausalLM:
@@ -124,7 +130,7 @@ def trainable_parameters(model: nn.Module) -> dict:
     per_stitch = []
     for k in range(palette.num_stitches):
         prefixes = tuple(p + "." for p in palette.stitch_module_prefixes(k))
-        per_stitch.append(sum(v for n, v in trainable.items() if n.startswith(prefixes)))
+        per_stitch.append(sum(v for n, v in trainable.items() if palette.runs_parameter(n, k, prefixes)))
     return {
         "total": total,
         "trainable": sum(trainable.values()),
@@ -150,8 +156,12 @@ def save_esta_adapter(model: PeftModel, save_directory: str | os.PathLike) -> No
     palette = unwrap_palette(model)
     os.makedirs(save_directory, exist_ok=True)
     model.save_pretrained(save_directory)
-    own = ("stitch_layers.", "stitch_biases.", "first_token_states.")
-    state = {n: t.detach().contiguous() for n, t in palette.state_dict().items() if n.startswith(own)}
+    own = ("stitch_layers.", "first_token_states.")
+    state = {
+        n: t.detach().contiguous()
+        for n, t in palette.state_dict().items()
+        if n.startswith(own) or stitch_of_bias(n) is not None
+    }
     # peft's LoRA wrappers rename the stitching layer weights; store them under the palette's plain names.
     state = {n.replace(".base_layer", ""): t for n, t in state.items() if "lora_" not in n}
     save_file(state, os.path.join(save_directory, _EXTRA_WEIGHTS))
@@ -189,10 +199,11 @@ def load_esta_adapter(
         raise ValueError(f"{directory}/{_EXTRA_WEIGHTS} holds weights this palette does not have: {missing[:5]}")
     palette.stitch_layers.to(device=reference.device, dtype=reference.dtype)
     palette.first_token_states.to(device=reference.device, dtype=reference.dtype)
-    palette.stitch_biases.to(device=reference.device)
+    for _, module in palette.named_stitch_bias_modules():
+        module.to(device=reference.device)
     palette.requires_grad_(False)
     model = PeftModel.from_pretrained(palette, directory, is_trainable=is_trainable)
-    palette.stitch_biases.requires_grad_(is_trainable)
+    _stitch_biases_trainable(palette, is_trainable)
     return model
 
 
@@ -202,8 +213,8 @@ def stitch_bias_norms(model: nn.Module) -> list[float]:
     palette = unwrap_palette(model)
     norms = []
     for k in range(palette.num_stitches):
-        bank = palette.stitch_biases[str(k)] if str(k) in palette.stitch_biases else {}
-        norms.append(float(sum(float(p.square().sum()) for p in bank.values()) ** 0.5))
+        biases = palette.stitch_bias_parameters(k).values()
+        norms.append(float(sum(float(p.square().sum()) for p in biases) ** 0.5))
     return norms
 
 

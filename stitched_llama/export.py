@@ -21,6 +21,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from .configuration_stitched_llama import StitchedLlamaConfig
+from .modeling_stitched_llama import stitch_of_bias
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
@@ -55,10 +56,8 @@ def _plain_state(palette: nn.Module) -> dict[str, torch.Tensor]:
 
 def _stitch_biases(palette: nn.Module, stitch: int) -> dict[str, torch.Tensor]:
     """{module name: bias} of a stitch's own biases that are not all zero."""
-    if str(stitch) not in palette.stitch_biases:
-        return {}
-    bank = palette.stitch_biases[str(stitch)]
-    return {key.replace("-", "."): p.detach() for key, p in bank.items() if bool(p.detach().abs().sum() > 0)}
+    biases = palette.stitch_bias_parameters(stitch).items()
+    return {name: p.detach() for name, p in biases if bool(p.detach().abs().sum() > 0)}
 
 
 @torch.no_grad()
@@ -100,7 +99,9 @@ def _plain_anchor(
     config.architectures = None
     model = AutoModelForCausalLM.from_config(config, dtype=source.get_input_embeddings().weight.dtype)
     own = {
-        _renumber(k.removeprefix(f"{anchor}."), "", layers): v for k, v in state.items() if k.startswith(f"{anchor}.")
+        _renumber(k.removeprefix(f"{anchor}."), "", layers): v
+        for k, v in state.items()
+        if k.startswith(f"{anchor}.") and stitch_of_bias(k) is None  # the stitch's biases are folded in below
     }
     own.pop(None, None)  # the weights of skipped layers
     target = model.state_dict()
@@ -137,7 +138,7 @@ def _slim_palette(palette: nn.Module, stitch: int, state: dict) -> nn.Module:
         stitches=[slim_stitch],
         slim=True,
         share_stitch_layers=True,
-        stitch_bias_targets=config.stitch_bias_targets if str(stitch) in palette.stitch_biases else None,
+        stitch_bias_targets=config.stitch_bias_targets if palette.stitch_bias_parameters(stitch) else None,
         map_first_token=config.map_first_token and not is_anchor,
         attn_implementation=config._attn_implementation,
     )
@@ -146,21 +147,17 @@ def _slim_palette(palette: nn.Module, stitch: int, state: dict) -> nn.Module:
     prefixes = tuple(p + "." for p in palette.stitch_module_prefixes(stitch))
     renamed = {}
     for name, tensor in state.items():
-        if not name.startswith(prefixes):
+        if not palette.runs_parameter(name, stitch, prefixes):
             continue
         if large_layers:
             name = _renumber(name, "large.", large_layers)
             if name is None:
                 continue  # a skipped layer
-            name = _renumber(name, "large-", large_layers, sep="-")
         if not is_anchor:
             if old_key is not None:
                 name = name.replace(f"stitch_layers.{old_key}.", f"stitch_layers.{new_key}.")
             name = name.replace(f"first_token_states.{n}_{j}.", f"first_token_states.{n}_0.")
-            if name.startswith("stitch_biases."):
-                if old_key is not None:
-                    name = name.replace(f".stitch_layers-{old_key}", f".stitch_layers-{new_key}")
-        name = re.sub(rf"^stitch_biases\.{stitch}\.", "stitch_biases.0.", name)
+        name = re.sub(rf"\.stitch_bias\.{stitch}$", ".stitch_bias.0", name)  # the slim palette's only stitch
         renamed[name] = tensor
     if not is_anchor:
         # The large head was tied to the large embedding, which the slim hybrid does not keep.
@@ -189,13 +186,10 @@ def _keep_layers(config, layers: list[int] | range) -> None:
         config.layer_types = [config.layer_types[i] for i in layers]
 
 
-def _renumber(name: str, prefix: str, layers: dict[int, int], sep: str = ".") -> str | None:
+def _renumber(name: str, prefix: str, layers: dict[int, int]) -> str | None:
     """Renumber the layer index in a weight name under `prefix` ("large." or "" for a plain anchor) by `layers`
     (old index -> new); None for a layer not kept. Other names pass unchanged."""
-    pattern = rf"^({re.escape(prefix + 'model' + sep + 'layers' + sep)})(\d+)(?=\.|-|$)"
-    if sep == "-":
-        pattern = rf"^(stitch_biases\.\d+\.{re.escape(prefix)}model-layers-)(\d+)(?=\.|-|$)"
-    match = re.match(pattern, name)
+    match = re.match(rf"^({re.escape(prefix + 'model.layers.')})(\d+)(?=\.|$)", name)
     if match is None:
         return name
     new = layers.get(int(match.group(2)))

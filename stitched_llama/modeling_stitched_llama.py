@@ -80,6 +80,37 @@ def _first_token_mask(
     return index.unsqueeze(0) == first.unsqueeze(1)
 
 
+_BIAS_NAME = re.compile(r"(?:^|\.)stitch_bias\.(\d+)$")
+
+
+def stitch_of_bias(name: str) -> int | None:
+    """The stitch a parameter named `name` is the bias of (`...q_proj.stitch_bias.3` -> 3), None for any other."""
+    match = _BIAS_NAME.search(name)
+    return int(match.group(1)) if match else None
+
+
+class StitchBias(nn.Module):
+    """The stitch-specific biases of one linear, one per stitch that runs it: the running stitch's is added to the
+    linear's output. It hangs on the linear as its child `stitch_bias` (parameters `q_proj.stitch_bias.<stitch>`),
+    the way peft's layers carry their adapters, and is called by a forward hook, so the linear keeps its own
+    weights and names, and a LoRA wrapped around it later wraps the biased linear."""
+
+    def __init__(self, out_features: int, stitches: Iterable[int], running: dict[str, Any]) -> None:
+        super().__init__()
+        for k in stitches:
+            self.register_parameter(str(k), nn.Parameter(torch.zeros(out_features)))
+        # {"stitch": the stitch forward runs, "enabled": bool}: one dict shared by the palette and its stitch views.
+        self.running = running
+
+    def forward(self, output: torch.Tensor) -> torch.Tensor:  # output: [..., out_features]
+        bias = getattr(self, str(self.running["stitch"]), None) if self.running["enabled"] else None
+        return output if bias is None else output + bias.to(output.dtype)
+
+    @staticmethod
+    def hook(linear: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return linear.stitch_bias(output)
+
+
 @dataclass
 class StitchedCausalLMOutput(CausalLMOutputWithPast):
     r"""
@@ -114,6 +145,10 @@ class StitchedLlamaPreTrainedModel(PreTrainedModel):
                 module.bias.zero_()
         elif isinstance(module, FirstTokenState):
             module.state.zero_()
+        elif isinstance(module, StitchBias):
+            with torch.no_grad():
+                for param in module.parameters(recurse=False):
+                    param.zero_()
 
 
 class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
@@ -149,8 +184,7 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
                     self.first_token_states[self._first_token_key(k)] = FirstTokenState(d_large)
         # {"metrics": {stitch: {name: value}}, "importance": [per stitch], "profile": {...}}, see `update_stitch_report`.
         self.stitch_report: dict[str, Any] = {}
-        self.stitch_biases = nn.ModuleDict()
-        # Shared with `stitch_view`s: the bias hooks read the stitch of whichever forward is running.
+        # Shared with `stitch_view`s: the stitch biases read the stitch of whichever forward is running.
         self._bias_state = {"stitch": config.default_stitch, "enabled": True}
         if config.stitch_bias_targets:
             self._build_stitch_biases(config.stitch_bias_targets)
@@ -305,9 +339,15 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
         if self._first_token_key(stitch) in self.first_token_states:
             prefixes.append(f"first_token_states.{self._first_token_key(stitch)}")
         prefixes += [f"{names[id(exit_)]}.model.norm", f"{names[id(exit_)]}.lm_head"]
-        if str(stitch) in self.stitch_biases:
-            prefixes.append(f"stitch_biases.{stitch}")
         return prefixes
+
+    def runs_parameter(self, name: str, stitch: int, prefixes: tuple[str, ...] | None = None) -> bool:
+        """Whether stitch `stitch` runs the parameter `name` (a palette name; peft's `.base_layer` may be in it):
+        it lies under one of the stitch's modules and is not another stitch's bias. Pass `prefixes` (the
+        stitch's module prefixes, each ending in ".") when asking for many names."""
+        prefixes = prefixes or tuple(p + "." for p in self.stitch_module_prefixes(stitch))
+        owner = stitch_of_bias(name)
+        return name.replace(".base_layer", "").startswith(prefixes) and owner in (None, stitch)
 
     def _first_token_key(self, stitch: int) -> str:
         n, j, _ = self.config.stitch_parts(stitch)  # the state entering large layer j: skipping later ones keeps it
@@ -323,32 +363,37 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
         self.config.stitch_bias_targets = list(targets)
         self._build_stitch_biases(targets)
         reference = next(iter(self.small.parameters()))
-        self.stitch_biases.to(device=reference.device)
+        for _, module in self.named_stitch_bias_modules():
+            module.to(device=reference.device)
 
     def _build_stitch_biases(self, targets: Sequence[str]) -> None:
-        hooked: dict[str, nn.Module] = {}
+        runs: dict[str, list[int]] = {}  # target linear -> the stitches that run it
         for k in range(self.num_stitches):
-            bank = nn.ParameterDict()
             for prefix in self.stitch_module_prefixes(k):
                 for name, module in self.get_submodule(prefix).named_modules(prefix=prefix):
                     is_target = name.split(".")[-1] in targets or (
                         prefix.startswith("stitch_layers.") and "stitch_layers" in targets and name == prefix
                     )
                     if is_target and isinstance(module, nn.Linear):
-                        bank[name.replace(".", "-")] = nn.Parameter(torch.zeros(module.out_features))
-                        hooked[name] = module
-            self.stitch_biases[str(k)] = bank
-        for name, module in hooked.items():
-            module.register_forward_hook(self._stitch_bias_hook(name.replace(".", "-")))
+                        runs.setdefault(name, []).append(k)
+        for name, stitches in runs.items():
+            linear = self.get_submodule(name)
+            linear.stitch_bias = StitchBias(linear.out_features, stitches, self._bias_state)
+            linear.register_forward_hook(StitchBias.hook)
 
-    def _stitch_bias_hook(self, key: str):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            if not self._bias_state["enabled"]:
-                return output
-            bank = self.stitch_biases[str(self._bias_state["stitch"])]
-            return output + bank[key].to(output.dtype) if key in bank else output
+    def named_stitch_bias_modules(self) -> Iterator[tuple[str, StitchBias]]:
+        """(qualified name, module) of every `StitchBias`, under the palette's names."""
+        for name, module in self.named_modules():
+            if isinstance(module, StitchBias):
+                yield name.replace(".base_layer", ""), module
 
-        return hook
+    def stitch_bias_parameters(self, stitch: int) -> dict[str, nn.Parameter]:
+        """{name of the biased linear: its bias} for stitch `stitch` (empty without stitch biases)."""
+        return {
+            name.removesuffix(".stitch_bias"): param
+            for name, module in self.named_stitch_bias_modules()
+            if (param := getattr(module, str(stitch), None)) is not None
+        }
 
     @contextlib.contextmanager
     def disable_stitch_biases(self) -> Iterator[None]:
@@ -633,14 +678,37 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
         # A palette with a tensor missing would run with it freshly initialised: refuse to load it instead.
         wants_info = kwargs.pop("output_loading_info", False)
         location = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        hub_kwargs = {
+            k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs
+        }
+        legacy = _legacy_stitch_biases(location, hub_kwargs)
         try:
-            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+            # An older layout's biases are reported as unexpected and missing below and then read; its load report
+            # would only list them, so it stays quiet.
+            with _quiet_load_report() if legacy else contextlib.nullcontext():
+                model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         except SafetensorError as error:  # a truncated or overwritten file: say which one
             damaged = _damaged_safetensors(location)
             raise OSError(
                 f"The palette at {location} has a damaged weight file ({', '.join(damaged) or 'unknown'}: {error}). "
                 "Save it again, or copy it again from where it came from."
             ) from error
+        if legacy:
+            params = dict(model.named_parameters())
+            unknown = {name for name in legacy if name not in params}  # biases of linears this palette lacks
+            info = {
+                **info,
+                "missing_keys": set(info.get("missing_keys") or []) - set(legacy),
+                "unexpected_keys": unknown
+                | {k for k in info.get("unexpected_keys") or [] if not k.startswith("stitch_biases.")},
+            }
+            with torch.no_grad():
+                for name in set(legacy) - unknown:
+                    params[name].copy_(legacy[name])
+            logger.info(
+                f"{location} keeps its stitch biases in the layout before they were layers (`stitch_biases.<k>.*`): "
+                "they were read into the new one. Save the palette again to store that."
+            )
         problems = {key: sorted(info.get(key) or []) for key in ("missing_keys", "unexpected_keys", "mismatched_keys")}
         problems = {key: names for key, names in problems.items() if names}
         if problems:
@@ -652,7 +720,7 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
                 f"its config ({listed}). Its weights are damaged or from another palette: save it again, or "
                 "rebuild it with `from_anchors`."
             )
-        model.stitch_report = _read_report(model.config, location, kwargs)
+        model.stitch_report = _read_report(model.config, location, hub_kwargs)
         return (model, info) if wants_info else model
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
@@ -700,24 +768,63 @@ def write_stitch_report(palette: StitchedLlamaForCausalLM, folder: str | os.Path
     os.replace(f"{path}.tmp", path)
 
 
-def _read_report(config: StitchedLlamaConfig, location: Any, kwargs: dict) -> dict[str, Any]:
+def _read_report(config: StitchedLlamaConfig, location: Any, hub_kwargs: dict) -> dict[str, Any]:
     """The saved `stitch_report.json`, or the measurements an older palette kept in its config (moved out of it)."""
     report = {}
     for key, section in _LEGACY_REPORT_KEYS.items():
         value = config.__dict__.pop(key, None)
         if value:
             report[section] = value
-    hub_kwargs = {
-        k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs
-    }
-    try:
-        path = cached_file(location, REPORT_FILE, **hub_kwargs) if location is not None else None
-    except OSError:  # no report saved: a palette nobody measured yet
-        path = None
+    path = _saved_file(location, REPORT_FILE, hub_kwargs)  # None: a palette nobody measured yet
     if path is not None:
         with open(path) as f:
             report.update(json.load(f))
     return report
+
+
+def _saved_file(location: Any, name: str, hub_kwargs: dict) -> str | None:
+    """The local path of file `name` of a saved palette (a folder or a Hub id), None when it has none."""
+    if location is None or not isinstance(location, (str, os.PathLike)):
+        return None
+    try:
+        return cached_file(location, name, **hub_kwargs)
+    except OSError:
+        return None
+
+
+def _legacy_stitch_biases(location: Any, hub_kwargs: dict) -> dict[str, torch.Tensor]:
+    """{today's name: tensor} of the stitch biases of a palette saved before they were layers, which kept them as
+    `stitch_biases.<stitch>.<linear name with "-" for ".">`; empty for any other palette."""
+    files = []
+    index = _saved_file(location, "model.safetensors.index.json", hub_kwargs)
+    if index is not None:
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        files = [_saved_file(location, shard, hub_kwargs) for shard in shards]
+    else:
+        files = [_saved_file(location, "model.safetensors", hub_kwargs)]
+    legacy = {}
+    for path in filter(None, files):
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    if key.startswith("stitch_biases."):
+                        _, stitch, linear = key.split(".", 2)
+                        legacy[f"{linear.replace('-', '.')}.stitch_bias.{stitch}"] = f.get_tensor(key)
+        except (SafetensorError, OSError):  # a damaged file: `from_pretrained` says which
+            return {}
+    return legacy
+
+
+@contextlib.contextmanager
+def _quiet_load_report() -> Iterator[None]:
+    """Silence transformers' warnings while loading (its load report): the caller checks the loading info itself."""
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def _package(module: str, what: str) -> Any:
@@ -749,8 +856,8 @@ def check_finite(
     if not named or torch.stack([t.detach().isfinite().all() for _, t in named]).all():
         return
     bad = [n for n, t in named if not t.detach().isfinite().all()]
-    stitch = re.search(r"stitch_biases\.(\d+)\.", bad[0])
-    where = f" (the bias of stitch {stitch.group(1)})" if stitch else ""
+    stitch = stitch_of_bias(bad[0])
+    where = f" (the bias of stitch {stitch})" if stitch is not None else ""
     raise FloatingPointError(
         f"{what} {bad[0]}{where} holds NaN or inf{when} ({len(bad)} tensors in all): {action}. Lower the learning "
         "rate or set max_grad_norm, and resume from the last good checkpoint."

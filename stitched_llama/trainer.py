@@ -32,7 +32,7 @@ from transformers.utils import logging
 
 from .distillation import TeacherCache, distillation_loss, teacher_topk
 from .esta import METHODS, EstaConfig, prepare_esta, stitch_bias_norms, trainable_parameters, unwrap_palette
-from .modeling_stitched_llama import StitchedLlamaForCausalLM, check_finite
+from .modeling_stitched_llama import StitchedLlamaForCausalLM, check_finite, stitch_of_bias
 from .sampler import StitchSampler, StitchSamplerCallback, select_stitches_to_deploy
 
 logger = logging.get_logger(__name__)
@@ -383,8 +383,8 @@ class StitchTrainerMixin:
             when=f" at step {self.state.global_step} (stitch {self._step_stitch})",
         )
         if self.sampler.mode != "loss-gap":  # uniform sampling keeps the SNIP score too: deployment reads it
-            skip = "stitch_biases" if self.args.saliency_params == "shared" else None
-            params = [p for n, p in trainable if skip is None or skip not in n]
+            shared = self.args.saliency_params == "shared"
+            params = [p for n, p in trainable if not shared or stitch_of_bias(n) is None]
             self.sampler.update(self._step_stitch, params)
         step_loss = local_loss
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -30,6 +30,7 @@ from conftest import VOCAB, build_palette, record_stitches  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from transformers import TrainerCallback, default_data_collator  # noqa: E402
 
+from stitched_llama.modeling_stitched_llama import stitch_of_bias  # noqa: E402
 from stitched_llama.trainer import StitchTrainer, StitchTrainingArguments  # noqa: E402
 
 MAX_STEPS = 8
@@ -123,9 +124,9 @@ class Recorder(TrainerCallback):
         current = trainable_state(self.trainer.model)
         # stitches whose own biases this step changed (DDP must not move the biases of stitches not trained)
         moved = {
-            int(n.split("stitch_biases.")[1].split(".")[0])
+            stitch_of_bias(n)
             for n, t in current.items()
-            if "stitch_biases." in n and not torch.equal(t, self.previous[n])
+            if stitch_of_bias(n) is not None and not torch.equal(t, self.previous[n])
         }
         self.previous = current
         self.steps.append(

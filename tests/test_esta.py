@@ -30,7 +30,7 @@ def test_prepare_freezes_anchors_and_starts_as_the_palette():
     before = [palette(X, stitch=k).logits for k in range(palette.num_stitches)]
     model = prepare_esta(palette)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n or "stitch_biases" in n for n in trainable)
+    assert trainable and all("lora_" in n or ".stitch_bias." in n for n in trainable)
     assert any("stitch_layers" in n and "lora_" in n for n in trainable)
     with torch.no_grad():
         for k in range(palette.num_stitches):
@@ -42,11 +42,45 @@ def test_stitch_bias_acts_only_on_its_own_stitch():
     model = prepare_esta(palette)
     before = [model(input_ids=X, stitch=k).logits.detach() for k in range(palette.num_stitches)]
     with torch.no_grad():
-        for p in palette.stitch_biases["2"].values():
+        for p in palette.stitch_bias_parameters(2).values():
             p.fill_(0.3)
     for k in range(palette.num_stitches):
         same = torch.equal(model(input_ids=X, stitch=k).logits, before[k])
         assert same == (k != 2), k
+
+
+def test_stitch_biases_are_layers_on_the_linears_they_bias():
+    palette, _ = build_palette("llama")
+    linears = [n for n, m in palette.named_modules() if isinstance(m, torch.nn.Linear)]
+    prepare_esta(palette)
+    for k in range(palette.num_stitches):
+        prefixes = tuple(p + "." for p in palette.stitch_module_prefixes(k))
+        targets = ("q_proj", "k_proj", "v_proj", "o_proj", *palette.stitch_layers)
+        expected = {n for n in linears if (n + ".").startswith(prefixes) and n.rsplit(".", 1)[-1] in targets}
+        assert expected and set(palette.stitch_bias_parameters(k)) == expected, k
+    # each linear holds one bias per stitch that runs it, under the linear's own name
+    layer0 = palette.stitch_bias_parameters(0)["small.model.layers.0.self_attn.q_proj"]
+    assert layer0.shape == (palette.small.config.hidden_size,)
+    names = list(palette.state_dict())
+    runs_small_layer0 = [k for k in range(palette.num_stitches) if palette.config.stitch_parts(k)[0] >= 1]
+    assert [n for n in names if n.startswith("small.model.layers.0.self_attn.q_proj.base_layer.stitch_bias.")] == [
+        f"small.model.layers.0.self_attn.q_proj.base_layer.stitch_bias.{k}" for k in runs_small_layer0
+    ]
+    assert not any("-" in n or n.startswith("stitch_biases.") for n in names)
+
+
+@torch.no_grad()
+def test_a_copied_palette_runs_its_own_stitch_biases():
+    import copy
+
+    palette, _ = build_palette("llama")
+    palette.add_stitch_biases(["q_proj"])
+    twin = copy.deepcopy(palette)
+    before = palette(X, stitch=1).logits
+    for p in twin.stitch_bias_parameters(1).values():
+        p.fill_(0.5)
+    assert not torch.equal(twin(X, stitch=1).logits, before)
+    assert torch.equal(palette(X, stitch=1).logits, before)
 
 
 def test_trainable_parameter_report():
@@ -67,7 +101,7 @@ def test_methods():
     assert all(p.requires_grad for p in palette.stitch_layers.parameters())
     palette, _ = build_palette("llama")
     no_bias = prepare_esta(palette, EstaConfig(method="lora-no-bias"))
-    assert len(palette.stitch_biases) == 0
+    assert not any(palette.stitch_bias_parameters(k) for k in range(palette.num_stitches))
     assert all("lora_" in n for n, p in no_bias.named_parameters() if p.requires_grad)
     with pytest.raises(ValueError, match="Unknown method"):
         EstaConfig(method="full")

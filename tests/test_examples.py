@@ -35,7 +35,11 @@ def test_train_esta_example_end_to_end(tmp_path):
     palette = StitchedLlamaForCausalLM.from_pretrained(tmp_path / "palette")
     assert palette.config.deployed_stitches == report["deployed_stitches"]
     assert not any("lora_" in n for n, _ in palette.named_parameters())
-    assert any(float(p.detach().abs().sum()) > 0 for p in palette.stitch_biases.parameters())
+    assert any(
+        float(p.detach().abs().sum()) > 0
+        for k in range(palette.num_stitches)
+        for p in palette.stitch_bias_parameters(k).values()
+    )
     assert (tmp_path / "palette" / "tokenizer.json").exists()
     with torch.no_grad():
         out = palette.generate(torch.tensor([[1, 5, 6]]), max_new_tokens=3, do_sample=False, pad_token_id=0)

@@ -62,3 +62,25 @@ def test_measurements_an_old_config_held_move_to_the_report(tmp_path):
     resaved = json.loads((tmp_path / "resaved" / "config.json").read_text())
     assert not {"stitch_metrics", "stitch_importance", "stitch_profile"} & set(resaved)
     assert json.loads((tmp_path / "resaved" / "stitch_report.json").read_text()) == palette.stitch_report
+
+
+@torch.no_grad()
+def test_an_old_palettes_stitch_biases_are_read_and_saved_as_layers(tmp_path):
+    from safetensors import safe_open
+
+    with safe_open(FIXTURE / "model.safetensors", framework="pt") as f:
+        old = {k: f.get_tensor(k) for k in f.keys() if k.startswith("stitch_biases.")}
+    assert old and any(t.abs().sum() > 0 for t in old.values())  # trained biases, so the logits above need them
+    palette = StitchedLlamaForCausalLM.from_pretrained(FIXTURE).eval()
+    for key, tensor in old.items():
+        _, stitch, linear = key.split(".", 2)
+        assert torch.equal(palette.stitch_bias_parameters(int(stitch))[linear.replace("-", ".")], tensor), key
+    palette.save_pretrained(tmp_path / "resaved")
+    with safe_open(tmp_path / "resaved" / "model.safetensors", framework="pt") as f:
+        keys = list(f.keys())
+    assert not any(k.startswith("stitch_biases.") for k in keys)
+    assert sum(".stitch_bias." in k for k in keys) == len(old)
+    saved = torch.load(FIXTURE / "expected_logits.pt")
+    resaved = StitchedLlamaForCausalLM.from_pretrained(tmp_path / "resaved").eval()
+    for k, logits in saved["logits"].items():
+        torch.testing.assert_close(resaved(saved["x"], stitch=k).logits, logits, rtol=1e-5, atol=1e-5)

@@ -72,7 +72,9 @@ def test_stitch_sft_trainer_samples_stitches_with_sfts_data_handling(tmp_path, c
     assert trainer.stitch_history == [0, 1, 2, 3, 4, 0] and runs == trainer.stitch_history
     assert trainer.sampler.counts == [trainer.stitch_history.count(k) for k in range(palette.num_stitches)]
     assert palette.config.deployed_stitches[0] == 0 and palette.config.deployed_stitches[-1] == palette.num_stitches - 1
-    moved = [float(p.abs().sum()) > 0 for p in (next(iter(palette.stitch_biases[str(k)].values())) for k in range(4))]
+    moved = [
+        float(p.abs().sum()) > 0 for p in (next(iter(palette.stitch_bias_parameters(k).values())) for k in range(4))
+    ]
     assert moved == [k in trainer.stitch_history for k in range(4)]
     with pytest.raises(ValueError, match="distill_alpha"):
         sft_args(tmp_path, StitchSFTConfig, distill_alpha=0.5)
