@@ -10,13 +10,15 @@ is left out: its massive activations dominate a plain fit.
 
 That first token is handled apart (`fit_first_token_states`): its state in the large anchor is nearly the same
 whatever the token, so a hybrid stitch can feed the large anchor that mean state there.
+
+Both fits read the anchors' states through `capture_anchor_states`, which diagnostics can call as well.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -26,6 +28,7 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 Batch = tuple[torch.LongTensor, torch.LongTensor]  # (input_ids, attention_mask), right-padded
+MaybeMasked = tuple[torch.LongTensor, torch.LongTensor | None]  # the mask None where nothing is padded
 
 
 def calibration_batches(
@@ -130,6 +133,84 @@ def ridge_solve(gram: torch.Tensor, xty: torch.Tensor, ridge: float = 1e-2) -> t
     return torch.linalg.solve(gram + lam * torch.diag(penalty), xty)
 
 
+class _Stop(Exception):
+    """Raised by a hook once the deepest layer needed has run: the rest of the forward would be wasted."""
+
+
+def _anchor_states(
+    model: nn.Module, batch: MaybeMasked, layers: Sequence[int], *, after: bool
+) -> dict[int, torch.Tensor]:
+    """One forward of `model`'s decoder stack up to the deepest layer needed.
+
+    `after`: `{n: output of layer n - 1}` (the state after `n` layers, before the final norm); else
+    `{j: input of layer j}`. Each tensor is `[batch, seq, hidden]`, on the model's device, in its dtype.
+    """
+    captured: dict[int, torch.Tensor] = {}
+    blocks = model.model.layers
+
+    def keep_output(n: int):
+        def hook(module, args, output):
+            captured[n] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    def keep_input(j: int):
+        def hook(module, args, kwargs):
+            captured[j] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def stop(*args):
+        raise _Stop
+
+    if after:
+        handles = [blocks[n - 1].register_forward_hook(keep_output(n)) for n in layers]
+        handles.append(blocks[max(layers) - 1].register_forward_hook(stop))  # runs after keep_output: same layer
+    else:
+        handles = [blocks[j].register_forward_pre_hook(keep_input(j), with_kwargs=True) for j in layers]
+        handles.append(blocks[max(layers)].register_forward_pre_hook(stop))
+    input_ids, attention_mask = batch
+    device = model.get_input_embeddings().weight.device
+    try:
+        model.model(
+            input_ids=input_ids.to(device),
+            attention_mask=None if attention_mask is None else attention_mask.to(device),
+            use_cache=False,
+        )
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+@torch.no_grad()
+def capture_anchor_states(
+    small: nn.Module | None,
+    large: nn.Module | None,
+    batches: Iterable[MaybeMasked],
+    cuts: Iterable[int] = (),
+    entries: Iterable[int] = (),
+) -> Iterator[tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]]:
+    """Per batch, `(small_states, large_states)`: the hidden states a stitch `(n, j)` joins.
+
+    `small_states[n]` is the small anchor's output after `n` layers for each `n` in `cuts` (before the final norm,
+    as the palette takes it), `large_states[j]` the large anchor's input to layer `j` for each `j` in `entries`;
+    each `[batch, seq, hidden]` on that anchor's device and in its dtype. `small` and `large` are `*ForCausalLM`
+    models; an anchor with no layer asked for (or None) is not run. Each forward stops after the deepest layer
+    needed. `batches` holds `(input_ids, attention_mask)` pairs, the mask None for unpadded ids. Hooks live only
+    during each anchor's forward, so the loop body may run the anchors itself.
+    """
+    cuts, entries = sorted(set(cuts)), sorted(set(entries))
+    if (cuts and small is None) or (entries and large is None):
+        raise ValueError("capture_anchor_states: layers were asked of an anchor passed as None.")
+    for batch in batches:
+        small_states = _anchor_states(small, batch, cuts, after=True) if cuts else {}
+        large_states = _anchor_states(large, batch, entries, after=False) if entries else {}
+        yield small_states, large_states
+
+
 @torch.no_grad()
 def fit_stitch_layers(
     small: nn.Module,
@@ -145,51 +226,27 @@ def fit_stitch_layers(
     `small` and `large` are the anchors' `*ForCausalLM` models; `targets[key]` lists the `(n, j)` stitches that
     share `stitch_layers[key]`. `ridge` is relative to the mean eigenvalue of X^T X (the bias is not penalised).
     """
-    captured: dict[tuple[str, int], torch.Tensor] = {}
-
-    def keep_output(name: str, i: int):
-        def hook(module, args, output):
-            captured[(name, i)] = output[0] if isinstance(output, tuple) else output
-
-        return hook
-
-    def keep_input(name: str, i: int):
-        def hook(module, args, kwargs):
-            captured[(name, i)] = args[0] if args else kwargs["hidden_states"]
-
-        return hook
-
     cuts = {n for pairs in targets.values() for n, _ in pairs}
     entries = {j for pairs in targets.values() for _, j in pairs}
-    handles = [small.model.layers[n - 1].register_forward_hook(keep_output("small", n)) for n in cuts]
-    handles += [
-        large.model.layers[j].register_forward_pre_hook(keep_input("large", j), with_kwargs=True) for j in entries
-    ]
     d_in = small.config.hidden_size + 1
     d_out = large.config.hidden_size
     xtx = defaultdict(lambda: torch.zeros(d_in, d_in, dtype=torch.float64))
     xty = defaultdict(lambda: torch.zeros(d_in, d_out, dtype=torch.float64))
     yty = defaultdict(float)
     batches = list(batches)
-    try:
-        for input_ids, attention_mask in logging.tqdm(batches, desc="Fitting stitching layers", unit="batch"):
-            small_device = small.get_input_embeddings().weight.device
-            large_device = large.get_input_embeddings().weight.device
-            small.model(input_ids=input_ids.to(small_device), attention_mask=attention_mask.to(small_device))
-            large.model(input_ids=input_ids.to(large_device), attention_mask=attention_mask.to(large_device))
-            usable = attention_mask.bool().clone()
-            usable[:, 0] = False
-            for key, pairs in targets.items():
-                for n, j in pairs:
-                    x = captured[("small", n)][usable.to(captured[("small", n)].device)].double().cpu()
-                    x = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)
-                    y = captured[("large", j)][usable.to(captured[("large", j)].device)].double().cpu()
-                    xtx[key] += x.T @ x
-                    xty[key] += x.T @ y
-                    yty[key] += float((y * y).sum())
-    finally:
-        for handle in handles:
-            handle.remove()
+    states = capture_anchor_states(small, large, batches, cuts, entries)
+    progress = logging.tqdm(batches, desc="Fitting stitching layers", unit="batch")
+    for (_, attention_mask), (small_states, large_states) in zip(progress, states):
+        usable = attention_mask.bool().clone()  # [batch, seq]: real tokens past the first
+        usable[:, 0] = False
+        for key, pairs in targets.items():
+            for n, j in pairs:
+                x = small_states[n][usable.to(small_states[n].device)].double().cpu()  # [tokens, d_small]
+                x = torch.cat([x, torch.ones(len(x), 1, dtype=torch.float64)], dim=1)  # [tokens, d_small + 1]
+                y = large_states[j][usable.to(large_states[j].device)].double().cpu()  # [tokens, d_large]
+                xtx[key] += x.T @ x
+                xty[key] += x.T @ y
+                yty[key] += float((y * y).sum())
 
     errors = {}
     for key, layer in stitch_layers.items():
@@ -213,19 +270,6 @@ def fit_first_token_states(
     The first token attends only to itself, so one-token forwards over the calibration sequences' first tokens
     give exactly its state in full-length runs. Returns float32 vectors on the CPU.
     """
-    captured: dict[int, torch.Tensor] = {}
-
-    def keep_input(j: int):
-        def hook(module, args, kwargs):
-            captured[j] = args[0] if args else kwargs["hidden_states"]
-
-        return hook
-
-    handles = [large.model.layers[j].register_forward_pre_hook(keep_input(j), with_kwargs=True) for j in entries]
-    firsts = torch.cat([input_ids[:, :1] for input_ids, _ in batches])
-    try:
-        large.model(input_ids=firsts.to(large.get_input_embeddings().weight.device), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {j: captured[j][:, 0].float().mean(dim=0).cpu() for j in entries}
+    firsts = torch.cat([input_ids[:, :1] for input_ids, _ in batches])  # [sequences, 1]
+    _, captured = next(capture_anchor_states(None, large, [(firsts, None)], entries=entries))
+    return {j: captured[j][:, 0].float().mean(dim=0).cpu() for j in entries}  # each [d_large]

@@ -153,3 +153,28 @@ def test_ridge_solve_equals_least_squares_on_the_augmented_problem():
         torch.cat([x, penalty]), torch.cat([y, torch.zeros(6, 4, dtype=torch.float64)])
     ).solution
     assert torch.allclose(ridge_solve(gram, x.T @ y, ridge=0.3), expected, atol=1e-10)
+
+
+@torch.no_grad()
+def test_capture_gives_the_anchors_own_hidden_states():
+    """Per batch, exactly `output_hidden_states` of the plain anchors: after n small layers (the last one before the
+    final norm), entering large layer j; a padded batch with its mask, an unpadded one without."""
+    from stitched_llama.stitch_init import capture_anchor_states
+
+    small, large = make_pair("llama")
+    mask = torch.ones(4, 40, dtype=torch.long)
+    mask[2:, 30:] = 0
+    batches = [(CALIB[:4], mask), (CALIB[4:7], None)]
+    captured = list(capture_anchor_states(small, large, batches, cuts=[1, 2], entries=[0, 2, 3]))
+    assert len(captured) == 2
+    for (ids, attention_mask), (small_states, large_states) in zip(batches, captured):
+        hs = small(ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
+        hl = large(ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
+        assert set(small_states) == {1, 2} and set(large_states) == {0, 2, 3}
+        assert torch.equal(small_states[1], hs[1])
+        assert torch.equal(small.model.norm(small_states[2]), hs[2])  # hidden_states[-1] is after the final norm
+        for j in (0, 2, 3):
+            assert torch.equal(large_states[j], hl[j])
+    none, only_large = next(capture_anchor_states(None, large, batches, entries=[1]))  # the small anchor not run
+    assert none == {}
+    assert torch.equal(only_large[1], large(CALIB[:4], attention_mask=mask, output_hidden_states=True).hidden_states[1])
