@@ -181,18 +181,22 @@ def train_and_evaluate(
     callbacks = [EvalEvery.callback(label, every, data, args, points)]
     result = train_palette(fresh_palette(args), targs, data["train"], callbacks=callbacks, save=False)
     rows = evaluate(result.palette, data, args, stitches)
+    if args.keep_trained and stitches == "all":  # e.g. for bench_speculative.py to draft with a trained hybrid
+        folder = args.work / "trained" / label.replace(" ", "-")
+        result.palette.save_pretrained(folder)
+        log(f"{label}: trained palette saved to {folder}")
     for row in rows:
         row["visits"] = result.trainer.sampler.counts[row["stitch"]]
     return rows, points
 
 
-def run_method(name: str, seed: int, data: dict, args) -> dict:
+def run_method(name: str, seed: int, data: dict, args, skip: set[int] = frozenset()) -> dict:
     t0 = time.perf_counter()
     points: list[dict] = []
     if name == PER_STITCH:  # each chosen stitch alone, with the whole step budget of a palette run
         rows = []
         for row in data["untuned"]:
-            if args.per_stitch_kinds and row["kind"] not in args.per_stitch_kinds:
+            if (args.per_stitch_kinds and row["kind"] not in args.per_stitch_kinds) or row["stitch"] in skip:
                 continue
             k = row["stitch"]
             overrides = dict(METHODS[args.per_stitch_as], train_stitches=str(k))
@@ -373,6 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--wordnet-rows", type=int, default=24)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-every", type=int, default=0, help="also measure every stitch every N steps of a run")
+    p.add_argument("--keep-trained", action="store_true", help="save each palette run to <work>/trained/")
     p.add_argument(
         "--reuse-search", action="store_true", help="reuse <work>/searched and the untuned rows of results.json"
     )
@@ -435,17 +440,26 @@ def main(argv: list[str] | None = None) -> None:
             curve["runs"].append(run_curve(method, args.seeds[0], data, args))
             curve_path.write_text(json.dumps(curve, indent=1) + "\n")
         return
-    done = {(r["method"], r["seed"]) for r in results["runs"]}
+    done = {(r["method"], r["seed"]): r for r in results["runs"]}
     path.write_text(json.dumps(results, indent=1) + "\n")
     for seed in sorted(set(args.seeds) | set(args.per_stitch_seeds)):
         for method in args.methods:
             seeds = args.per_stitch_seeds if method == PER_STITCH else args.seeds
-            if seed not in seeds or (method, seed) in done:
+            earlier = done.get((method, seed))
+            if seed not in seeds or (earlier and method != PER_STITCH):
                 continue
-            result = run_method(method, seed, data, args)
+            # A per-stitch run adds the stitches an earlier call of it did not train (other --per-stitch-kinds).
+            skip = {r["stitch"] for r in earlier["stitches"]} if earlier else set()
+            result = run_method(method, seed, data, args, skip=skip)
+            if not result["stitches"]:
+                continue
             losses = ", ".join(f"{r['name']}: {math.exp(r['loss']):.2f}" for r in result["stitches"])
             log(f"{method} seed {seed} ({result['seconds']} s): ppl {losses}")
-            results["runs"].append(result)
+            if earlier:
+                earlier["stitches"] = sorted(earlier["stitches"] + result["stitches"], key=lambda r: r["stitch"])
+                earlier["seconds"] += result["seconds"]
+            else:
+                results["runs"].append(result)
             path.write_text(json.dumps(results, indent=1) + "\n")
     report(args.out)
 

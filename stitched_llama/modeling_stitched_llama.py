@@ -362,11 +362,10 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
             )
         self.config.stitch_bias_targets = list(targets)
         self._build_stitch_biases(targets)
-        reference = next(iter(self.small.parameters()))
-        for _, module in self.named_stitch_bias_modules():
-            module.to(device=reference.device)
 
     def _build_stitch_biases(self, targets: Sequence[str]) -> None:
+        """A zero `StitchBias` on every `targets` linear a stitch runs that has none yet: all of them in `__init__`,
+        and after a quantized load the linears bitsandbytes replaced (their children went with them)."""
         runs: dict[str, list[int]] = {}  # target linear -> the stitches that run it
         for k in range(self.num_stitches):
             for prefix in self.stitch_module_prefixes(k):
@@ -378,7 +377,11 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
                         runs.setdefault(name, []).append(k)
         for name, stitches in runs.items():
             linear = self.get_submodule(name)
+            if isinstance(getattr(linear, "stitch_bias", None), StitchBias):
+                continue
             linear.stitch_bias = StitchBias(linear.out_features, stitches, self._bias_state)
+            if linear.weight.device.type != "meta":  # under `from_pretrained`'s meta init, loading places it
+                linear.stitch_bias.to(linear.weight.device)
             linear.register_forward_hook(StitchBias.hook)
 
     def named_stitch_bias_modules(self) -> Iterator[tuple[str, StitchBias]]:
@@ -681,11 +684,12 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
         hub_kwargs = {
             k: kwargs[k] for k in ("cache_dir", "revision", "token", "local_files_only", "subfolder") if k in kwargs
         }
-        legacy = _legacy_stitch_biases(location, hub_kwargs)
+        saved, legacy = _saved_stitch_biases(location, hub_kwargs)
+        # Biases transformers cannot place are read below: an older layout's (`stitch_biases.<k>.*`), and those of
+        # linears that bitsandbytes replaced. The load report would only list them, so it stays quiet.
+        quiet = legacy or (saved and kwargs.get("quantization_config") is not None)
         try:
-            # An older layout's biases are reported as unexpected and missing below and then read; its load report
-            # would only list them, so it stays quiet.
-            with _quiet_load_report() if legacy else contextlib.nullcontext():
+            with _quiet_load_report() if quiet else contextlib.nullcontext():
                 model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         except SafetensorError as error:  # a truncated or overwritten file: say which one
             damaged = _damaged_safetensors(location)
@@ -693,18 +697,18 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
                 f"The palette at {location} has a damaged weight file ({', '.join(damaged) or 'unknown'}: {error}). "
                 "Save it again, or copy it again from where it came from."
             ) from error
-        if legacy:
-            params = dict(model.named_parameters())
-            unknown = {name for name in legacy if name not in params}  # biases of linears this palette lacks
-            info = {
-                **info,
-                "missing_keys": set(info.get("missing_keys") or []) - set(legacy),
-                "unexpected_keys": unknown
-                | {k for k in info.get("unexpected_keys") or [] if not k.startswith("stitch_biases.")},
-            }
+        if model.config.stitch_bias_targets:
+            model._build_stitch_biases(model.config.stitch_bias_targets)  # again on linears a quantizer replaced
+        missing, unexpected = set(info.get("missing_keys") or []), set(info.get("unexpected_keys") or [])
+        params = dict(model.named_parameters())
+        unread = {name for name in saved if name in params and (name in missing or name in unexpected)}
+        if unread:
             with torch.no_grad():
-                for name in set(legacy) - unknown:
-                    params[name].copy_(legacy[name])
+                for name in unread:
+                    params[name].copy_(saved[name])
+            unexpected = {k for k in unexpected - unread if not k.startswith("stitch_biases.")}
+            info = {**info, "missing_keys": missing - unread, "unexpected_keys": unexpected}
+        if legacy:
             logger.info(
                 f"{location} keeps its stitch biases in the layout before they were layers (`stitch_biases.<k>.*`): "
                 "they were read into the new one. Save the palette again to store that."
@@ -792,9 +796,9 @@ def _saved_file(location: Any, name: str, hub_kwargs: dict) -> str | None:
         return None
 
 
-def _legacy_stitch_biases(location: Any, hub_kwargs: dict) -> dict[str, torch.Tensor]:
-    """{today's name: tensor} of the stitch biases of a palette saved before they were layers, which kept them as
-    `stitch_biases.<stitch>.<linear name with "-" for ".">`; empty for any other palette."""
+def _saved_stitch_biases(location: Any, hub_kwargs: dict) -> tuple[dict[str, torch.Tensor], bool]:
+    """({today's name: tensor} of the stitch biases saved at `location`, whether they are in the layout before they
+    were layers, `stitch_biases.<stitch>.<linear name with "-" for ".">`); empty for a palette without biases."""
     files = []
     index = _saved_file(location, "model.safetensors.index.json", hub_kwargs)
     if index is not None:
@@ -803,17 +807,20 @@ def _legacy_stitch_biases(location: Any, hub_kwargs: dict) -> dict[str, torch.Te
         files = [_saved_file(location, shard, hub_kwargs) for shard in shards]
     else:
         files = [_saved_file(location, "model.safetensors", hub_kwargs)]
-    legacy = {}
+    biases, legacy = {}, False
     for path in filter(None, files):
         try:
             with safe_open(path, framework="pt") as f:
                 for key in f.keys():
                     if key.startswith("stitch_biases."):
                         _, stitch, linear = key.split(".", 2)
-                        legacy[f"{linear.replace('-', '.')}.stitch_bias.{stitch}"] = f.get_tensor(key)
+                        biases[f"{linear.replace('-', '.')}.stitch_bias.{stitch}"] = f.get_tensor(key)
+                        legacy = True
+                    elif stitch_of_bias(key) is not None:
+                        biases[key] = f.get_tensor(key)
         except (SafetensorError, OSError):  # a damaged file: `from_pretrained` says which
-            return {}
-    return legacy
+            return {}, False
+    return biases, legacy
 
 
 @contextlib.contextmanager

@@ -6,7 +6,7 @@ from conftest import VOCAB, make_anchor
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from stitched_llama import StitchedLlamaForCausalLM
-from stitched_llama.esta import prepare_esta
+from stitched_llama.esta import merge_esta, prepare_esta
 
 bnb = pytest.importorskip("bitsandbytes", reason="the `quant` extra (bitsandbytes) is not installed")
 
@@ -65,3 +65,27 @@ def test_qlora_training_step_moves_only_the_adapter(anchor_dirs):
         if not p.requires_grad:
             assert torch.equal(p, frozen[name]), name
     assert any(float(p.abs().sum()) > 0 for n, p in model.named_parameters() if "lora_B" in n)
+
+
+@torch.no_grad()
+def test_a_palette_with_stitch_biases_loads_in_4bit_with_its_biases(anchor_dirs, tmp_path):
+    # bitsandbytes replaces the linears, and with them their `stitch_bias` children: the load must put them back.
+    small_dir, large_dir = anchor_dirs
+    palette = merge_esta(prepare_esta(StitchedLlamaForCausalLM.from_anchors(small_dir, large_dir, calibration=CALIB)))
+    generator = torch.Generator().manual_seed(4)
+    for k in range(palette.num_stitches):
+        for bias in palette.stitch_bias_parameters(k).values():
+            bias.copy_(torch.randn(bias.shape, generator=generator))
+    palette.save_pretrained(tmp_path / "palette")
+    quantized = StitchedLlamaForCausalLM.from_pretrained(tmp_path / "palette", quantization_config=quantization())
+    assert isinstance(quantized.large.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    for k in range(palette.num_stitches):
+        saved, loaded = palette.stitch_bias_parameters(k), quantized.stitch_bias_parameters(k)
+        assert saved.keys() == loaded.keys() and saved, k
+        assert all(torch.equal(saved[name], loaded[name]) for name in saved), k
+        # The biases act: the 4-bit output is near the full-precision palette's, and far from it without biases.
+        biased = palette(X, stitch=k).logits
+        with palette.disable_stitch_biases():
+            unbiased = palette(X, stitch=k).logits
+        error = (quantized(X, stitch=k).logits - biased).abs().max()
+        assert error < (biased - unbiased).abs().max() / 4, k
