@@ -173,7 +173,21 @@ def _slim_palette(palette: nn.Module, stitch: int, state: dict) -> nn.Module:
             f"Slim export of stitch {stitch} is inconsistent: missing {missing}, unexpected {unexpected}."
         )
     model.tie_weights()
+    model.stitch_report = _report_of(palette.stitch_report, stitch)
     return model
+
+
+def _report_of(report: dict, stitch: int) -> dict:
+    """The sections of a palette's `stitch_report` about `stitch`, as stitch 0 of its slim export."""
+    slim = {}
+    if str(stitch) in report.get("metrics", {}):
+        slim["metrics"] = {"0": dict(report["metrics"][str(stitch)])}
+    if len(report.get("importance", [])) > stitch:
+        slim["importance"] = [report["importance"][stitch]]
+    profile = report.get("profile", {})
+    if str(stitch) in profile.get("stitches", {}):
+        slim["profile"] = {**profile, "stitches": {"0": dict(profile["stitches"][str(stitch)])}}
+    return slim
 
 
 def _tied(model: nn.Module, name: str) -> bool:

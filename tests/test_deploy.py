@@ -231,3 +231,20 @@ def test_a_palette_with_a_missing_tensor_refuses_to_load(tmp_path):
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(OSError, match=rf"missing keys: .*{name}"):
         StitchedLlamaForCausalLM.from_pretrained(tmp_path)
+
+
+def test_a_slim_export_keeps_its_stitch_measurements(tmp_path):
+    palette, _ = build_palette("llama")
+    k = 2  # a hybrid: exported as a slim palette, which has a report of its own
+    palette.update_stitch_report(
+        metrics={str(s): {"eval_loss": 1.0 + s} for s in range(palette.num_stitches)},
+        importance=[0.1 * s for s in range(palette.num_stitches)],
+        profile={"device": "cpu", "stitches": {str(s): {"prefill_ms": 10.0 + s} for s in range(palette.num_stitches)}},
+    )
+    assert palette.export_stitch(k, tmp_path / "hybrid") == "StitchedLlamaForCausalLM"
+    loaded = StitchedLlamaForCausalLM.from_pretrained(tmp_path / "hybrid")
+    assert loaded.stitch_report == {
+        "metrics": {"0": {"eval_loss": 3.0}},
+        "importance": [pytest.approx(0.2)],
+        "profile": {"device": "cpu", "stitches": {"0": {"prefill_ms": 12.0}}},
+    }
