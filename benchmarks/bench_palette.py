@@ -319,18 +319,17 @@ def plot_tokens(results: dict, path: Path) -> None:
     figure = Figure(figsize=(7, 4.5))
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    colours = {}
-    for run in results["runs"]:
-        if not run.get("points"):
-            continue
+    # One colour per stitch, one line style per method.
+    colours = {row["stitch"]: f"C{i}" for i, row in enumerate(results["untuned"])}
+    curves = [run for run in results["runs"] if run.get("points")]
+    for run, style in zip(curves, ("-", "--", ":", "-.")):
         for row in results["untuned"]:
             k = row["stitch"]
             curve = [(0, row["perplexity"])]
             curve += [(p["tokens"], r["perplexity"]) for p in run["points"] for r in p["stitches"] if r["stitch"] == k]
             curve += [(tokens, r["perplexity"]) for r in run["stitches"] if r["stitch"] == k]
             label = f"{row['name']} {row['kind']}, {row['flops_per_token'] / 1e9:.2f} GF ({run['method']})"
-            (line,) = axes.plot(*zip(*curve), marker="o", label=label)
-            colours[k] = line.get_color()
+            axes.plot(*zip(*curve), marker="o", linestyle=style, color=colours[k], label=label)
     for run in results["runs"]:
         if run["method"] == PER_STITCH:
             for r in run["stitches"]:
