@@ -309,6 +309,32 @@ def report(out: Path) -> None:
     print("\n".join(lines))
 
 
+def curve_report(out: Path) -> None:
+    """`<out>/curve.md` from `curve.json`: held-out perplexity per method, step and stitch, mean ± standard deviation
+    over the seeds run."""
+    curve = json.loads((out / "curve.json").read_text())
+    names = [r["name"] for r in curve["runs"][0]["points"][0]["stitches"]]
+    lines = [
+        f"# Quality against training tokens (seeds {sorted({r['seed'] for r in curve['runs']})})",
+        "",
+        "Held-out Python-docs perplexity, mean ± standard deviation over seeds (n = seeds).",
+        "",
+        "| method | step | tokens | " + " | ".join(names) + " |",
+        "|---|---:|---:|" + "---:|" * len(names),
+    ]
+    for method in dict.fromkeys(r["method"] for r in curve["runs"]):
+        runs = [r for r in curve["runs"] if r["method"] == method]
+        for i, point in enumerate(runs[0]["points"]):
+            cells = []
+            for j in range(len(names)):
+                values = [r["points"][i]["stitches"][j]["perplexity"] for r in runs if len(r["points"]) > i]
+                spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+                cells.append(f"{statistics.mean(values):.2f}{spread} (n={len(values)})")
+            lines.append(f"| {method} | {point['step']} | {point['tokens'] / 1e6:.2f}M | " + " | ".join(cells) + " |")
+    (out / "curve.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def plot_tokens(results: dict, path: Path) -> None:
     """Held-out perplexity of every stitch against training tokens, for the runs evaluated as they went (untuned at
     0 tokens); a stitch tuned alone with the same budget is a marker at the end of the curve."""
@@ -435,9 +461,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.curve_methods:  # quality against training tokens, written to curve.json as each run ends
         curve_path = args.out / "curve.json"
         curve = {"settings": results["settings"] | {"curve_steps": args.curve_steps}, "runs": []}
-        for method in args.curve_methods:
-            curve["runs"].append(run_curve(method, args.seeds[0], data, args))
-            curve_path.write_text(json.dumps(curve, indent=1) + "\n")
+        if curve_path.is_file():  # keep an earlier call's runs of the same stitches and steps (other seeds)
+            earlier = json.loads(curve_path.read_text())
+            if earlier.get("stitches") == results["search"]["stitches"] or "stitches" not in earlier:
+                if earlier["settings"].get("curve_steps") == args.curve_steps:
+                    curve["runs"] = earlier["runs"]
+        curve["stitches"] = results["search"]["stitches"]
+        for seed in args.seeds:
+            for method in args.curve_methods:
+                if any(r["method"] == method and r["seed"] == seed for r in curve["runs"]):
+                    continue
+                curve["runs"].append(run_curve(method, seed, data, args))
+                curve_path.write_text(json.dumps(curve, indent=1) + "\n")
+        curve_report(args.out)
         return
     done = {(r["method"], r["seed"]): r for r in results["runs"]}
     path.write_text(json.dumps(results, indent=1) + "\n")
