@@ -1,5 +1,8 @@
 """generate() on a palette behaves like generate() on a plain causal LM: the same options give the same tokens."""
 
+import os
+import shutil
+
 import pytest
 import torch
 from conftest import build_palette, prompt
@@ -79,10 +82,24 @@ def test_static_cache_matches_dynamic_cache(palette_and_anchors):
         assert torch.equal(static, generate(palette, x, do_sample=False, stitch=k)), f"stitch {k}"
 
 
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "eager",  # traces the same graph as inductor, without a C compiler, in seconds
+        pytest.param(
+            "inductor",
+            marks=[
+                pytest.mark.compile,
+                pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler"),
+            ],
+        ),
+    ],
+)
 @torch.no_grad()
-def test_static_cache_decodes_under_torch_compile_in_one_graph():
+def test_static_cache_decodes_under_torch_compile_in_one_graph(backend):
     # The GPU recipe: a static cache and a compiled forward. fullgraph=True fails on any graph break (a branch on
-    # the cache's length, which is a tensor there); the eager backend traces the same graph without a C compiler.
+    # the cache's length, which is a tensor there); inductor also generates and runs the kernels (a minute a stitch
+    # on 2 CPU cores, so it runs in CI's `-m compile` step, not by default).
     palette, _ = build_palette("llama", map_first_token=True)
     x = prompt(batch=1)
     hybrid = next(k for k in range(palette.num_stitches) if palette.config.stitch_kind(k) == "hybrid")
@@ -92,7 +109,7 @@ def test_static_cache_decodes_under_torch_compile_in_one_graph():
     try:
         for k in stitches:
             torch._dynamo.reset()  # one compiled forward per served stitch, as a deployment would have
-            palette.forward = torch.compile(forward, fullgraph=True, backend="eager")
+            palette.forward = torch.compile(forward, fullgraph=True, backend=backend)
             static = generate(palette, x, do_sample=False, stitch=k, cache_implementation="static")
             assert torch.equal(static, expected[k]), f"stitch {k}"
     finally:
