@@ -84,3 +84,17 @@ def test_an_old_palettes_stitch_biases_are_read_and_saved_as_layers(tmp_path):
     resaved = StitchedLlamaForCausalLM.from_pretrained(tmp_path / "resaved").eval()
     for k, logits in saved["logits"].items():
         torch.testing.assert_close(resaved(saved["x"], stitch=k).logits, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_an_old_bias_of_a_linear_the_palette_lacks_is_an_error(tmp_path):
+    import shutil
+
+    import pytest
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(FIXTURE, tmp_path / "palette")
+    weights = load_file(tmp_path / "palette" / "model.safetensors")
+    weights["stitch_biases.0.large-model-layers-99-self_attn-q_proj"] = torch.ones(4)
+    save_file(weights, tmp_path / "palette" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(OSError, match=r"unexpected keys: large\.model\.layers\.99\.self_attn\.q_proj\.stitch_bias\.0"):
+        StitchedLlamaForCausalLM.from_pretrained(tmp_path / "palette")
