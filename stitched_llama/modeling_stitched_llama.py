@@ -697,15 +697,18 @@ class StitchedLlamaForCausalLM(StitchedLlamaPreTrainedModel, GenerationMixin):
                 f"The palette at {location} has a damaged weight file ({', '.join(damaged) or 'unknown'}: {error}). "
                 "Save it again, or copy it again from where it came from."
             ) from error
-        if model.config.stitch_bias_targets:
-            model._build_stitch_biases(model.config.stitch_bias_targets)  # again on linears a quantizer replaced
         missing, unexpected = set(info.get("missing_keys") or []), set(info.get("unexpected_keys") or [])
+        if model.config.stitch_bias_targets and not unexpected.isdisjoint(saved):
+            model._build_stitch_biases(model.config.stitch_bias_targets)  # again on linears a quantizer replaced
         params = dict(model.named_parameters())
         unread = {name for name in saved if name in params and (name in missing or name in unexpected)}
         if unread:
             with torch.no_grad():
-                for name in unread:
-                    params[name].copy_(saved[name])
+                for path in {saved[name][0] for name in unread}:
+                    with safe_open(path, framework="pt") as f:
+                        for name in unread:
+                            if saved[name][0] == path:
+                                params[name].copy_(f.get_tensor(saved[name][1]))
             # An old-layout bias of a linear this palette lacks stays reported, under its new name.
             unexpected = {k for k in unexpected - unread if not k.startswith("stitch_biases.")} | (
                 set(saved) - params.keys()
@@ -799,9 +802,10 @@ def _saved_file(location: Any, name: str, hub_kwargs: dict) -> str | None:
         return None
 
 
-def _saved_stitch_biases(location: Any, hub_kwargs: dict) -> tuple[dict[str, torch.Tensor], bool]:
-    """({today's name: tensor} of the stitch biases saved at `location`, whether they are in the layout before they
-    were layers, `stitch_biases.<stitch>.<linear name with "-" for ".">`); empty for a palette without biases."""
+def _saved_stitch_biases(location: Any, hub_kwargs: dict) -> tuple[dict[str, tuple[str, str]], bool]:
+    """({today's name: (file, key)} of the stitch biases saved at `location`, whether they are in the layout before
+    they were layers, `stitch_biases.<stitch>.<linear name with "-" for ".">`); empty for a palette without biases.
+    Only the keys are read: `from_pretrained` reads the few tensors that transformers could not place."""
     files = []
     index = _saved_file(location, "model.safetensors.index.json", hub_kwargs)
     if index is not None:
@@ -817,10 +821,10 @@ def _saved_stitch_biases(location: Any, hub_kwargs: dict) -> tuple[dict[str, tor
                 for key in f.keys():
                     if key.startswith("stitch_biases."):
                         _, stitch, linear = key.split(".", 2)
-                        biases[f"{linear.replace('-', '.')}.stitch_bias.{stitch}"] = f.get_tensor(key)
+                        biases[f"{linear.replace('-', '.')}.stitch_bias.{stitch}"] = (path, key)
                         legacy = True
                     elif stitch_of_bias(key) is not None:
-                        biases[key] = f.get_tensor(key)
+                        biases[key] = (path, key)
         except (SafetensorError, OSError):  # a damaged file: `from_pretrained` says which
             return {}, False
     return biases, legacy
