@@ -463,9 +463,9 @@ def main(argv: list[str] | None = None) -> None:
         curve = {"settings": results["settings"] | {"curve_steps": args.curve_steps}, "runs": []}
         if curve_path.is_file():  # keep an earlier call's runs of the same stitches and steps (other seeds)
             earlier = json.loads(curve_path.read_text())
-            if earlier.get("stitches") == results["search"]["stitches"] or "stitches" not in earlier:
-                if earlier["settings"].get("curve_steps") == args.curve_steps:
-                    curve["runs"] = earlier["runs"]
+            stitches = earlier.get("stitches", results["search"]["stitches"])  # files before this key: trusted
+            if stitches == results["search"]["stitches"] and earlier["settings"].get("curve_steps") == args.curve_steps:
+                curve["runs"] = earlier["runs"]
         curve["stitches"] = results["search"]["stitches"]
         for seed in args.seeds:
             for method in args.curve_methods:
