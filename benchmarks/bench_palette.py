@@ -88,6 +88,11 @@ METHODS = {  # name -> StitchTrainingArguments overrides
     "esta-uniform": dict(method="esta", sampling="uniform"),
     "esta-loss-gap": dict(method="esta", sampling="loss-gap"),
     "esta-distill": dict(method="esta", sampling="uniform", distill_alpha=0.5, distill_temperature=1.0),
+    "esta-loss-gap-distill": dict(method="esta", sampling="loss-gap", distill_alpha=0.5, distill_temperature=1.0),
+    "esta-frontier-distill": dict(
+        method="esta", sampling="loss-gap", loss_gap_keep_frontier=True, distill_alpha=0.5, distill_temperature=1.0
+    ),
+    "esta-frontier": dict(method="esta", sampling="loss-gap", loss_gap_keep_frontier=True),
     "snnet-full": dict(method="snnet-full", sampling="uniform"),
 }
 PER_STITCH = "lora-per-stitch"

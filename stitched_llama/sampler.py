@@ -39,6 +39,7 @@ class StitchSampler:
         seed: int = 0,
         costs: Sequence[float] | None = None,
         stitches: Sequence[int] | None = None,
+        keep_frontier: bool = False,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"Unknown sampling mode {mode!r}: use one of {', '.join(MODES)}.")
@@ -61,6 +62,7 @@ class StitchSampler:
         self.ema = ema
         self.temperature = temperature
         self.eps = eps
+        self.keep_frontier = keep_frontier
         # Saliency of zero-initialised LoRA B and biases is zero at first: visit every stitch before trusting it.
         self.warmup_steps = len(stitches) if warmup_steps is None else warmup_steps
         self.importance = [0.0] * num_stitches
@@ -74,15 +76,24 @@ class StitchSampler:
     def probabilities(self) -> list[float]:
         """`[num_stitches]`: the chance of each stitch at the next draw (0 for the stitches not trained)."""
         k = len(self.stitches)
-        if self.mode == "uniform" or not all(self.scored[s] for s in self.stitches):
-            p = torch.full((k,), 1.0 / k, dtype=torch.float64)
-        else:
-            values = torch.tensor([self.importance[s] for s in self.stitches], dtype=torch.float64)
-            std = values.std(unbiased=False)
-            z = (values - values.mean()) / std if std > 0 else torch.zeros_like(values)
-            p = (1 - self.eps) * torch.softmax(z / self.temperature, dim=0) + self.eps / k
         full = [0.0] * self.num_stitches
-        for s, value in zip(self.stitches, p.tolist()):
+        if self.mode == "uniform" or not all(self.scored[s] for s in self.stitches):
+            for s in self.stitches:
+                full[s] = 1.0 / k
+            return full
+        drawn = self.stitches
+        if self.keep_frontier and self.mode == "loss-gap":
+            # Stitches on the frontier (gap 0: no cheaper stitch has a lower loss) keep their uniform share, so
+            # the shared LoRA is not pulled off them; the rest of the mass goes by gap to the stitches below it.
+            drawn = [s for s in self.stitches if self.importance[s] > 0] or self.stitches
+            for s in self.stitches:
+                full[s] = 1.0 / k if s not in drawn else 0.0
+        mass = len(drawn) / k if drawn is not self.stitches else 1.0
+        values = torch.tensor([self.importance[s] for s in drawn], dtype=torch.float64)
+        std = values.std(unbiased=False)
+        z = (values - values.mean()) / std if std > 0 else torch.zeros_like(values)
+        p = (1 - self.eps) * torch.softmax(z / self.temperature, dim=0) + self.eps / len(drawn)
+        for s, value in zip(drawn, (mass * p).tolist()):
             full[s] = value
         return full
 

@@ -73,6 +73,13 @@ class StitchTrainingArguments(TrainingArguments):
     importance_eps: float = field(
         default=0.2, metadata={"help": "Share of the sampling probability spread uniformly over all stitches."}
     )
+    loss_gap_keep_frontier: bool = field(
+        default=False,
+        metadata={
+            "help": "With `loss-gap` sampling, stitches on the frontier of the running losses keep their uniform "
+            "share of the steps, and only the rest is spread by gap (docs/training.md)."
+        },
+    )
     stitch_warmup_steps: int | None = field(
         default=None,
         metadata={"help": "Steps that visit the stitches in turn before importance is used (default: one per stitch)."},
@@ -252,6 +259,7 @@ class StitchTrainerMixin:
                 seed=args.seed,
                 costs=[self.palette.config.stitch_cost(k).flops_per_token for k in range(self.palette.num_stitches)],
                 stitches=args.stitch_indices(self.palette.num_stitches),
+                keep_frontier=args.loss_gap_keep_frontier,
             )
         )
         self._step_stitch: int | None = None
@@ -259,6 +267,10 @@ class StitchTrainerMixin:
         self._eval_stitch: int | None = None
         self._stitch_losses: dict[int, list[float]] = defaultdict(list)
         self._step_losses: list[torch.Tensor] = []  # this step's micro-batch losses, read once at its end
+        # The cross-entropy share of each micro-batch loss (1 without distillation): the sampler and the per-stitch
+        # logs compare stitches on cross-entropy, since the large anchor trains on it alone.
+        self._ce_share: torch.Tensor | None = None
+        self._step_ce: list[torch.Tensor] = []
         self._deployed = False
         self.last_eval_metrics: dict[str, float] = {}
         self.teacher_cache = TeacherCache(args.distill_top_k) if args.distill_cache and args.distill_alpha > 0 else None
@@ -313,6 +325,8 @@ class StitchTrainerMixin:
         loss = super().training_step(model, {**inputs, "stitch": stitch}, num_items_in_batch)
         # Kept on the device and read once the step's gradients are complete (`_score_step`): no sync per micro-batch.
         self._step_losses.append(loss.detach())
+        share, self._ce_share = self._ce_share, None
+        self._step_ce.append(loss.detach() * share if share is not None else loss.detach())
         return loss
 
     def compute_loss(
@@ -339,7 +353,9 @@ class StitchTrainerMixin:
             )
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 kd = kd * self.accelerator.num_processes  # as `Trainer.compute_loss` scales the cross-entropy
-            loss = (1 - alpha) * loss + alpha * kd
+            mixed = (1 - alpha) * loss + alpha * kd
+            self._ce_share = (loss / mixed).detach().nan_to_num(nan=1.0, posinf=1.0) if mixed.requires_grad else None
+            loss = mixed
         return (loss, outputs) if return_outputs else loss
 
     def _teacher(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,16 +379,16 @@ class StitchTrainerMixin:
 
     def _score_step(self) -> None:
         # Micro-batch losses come scaled so that their sum is the step's loss; one copy to the host reads them all.
-        losses = torch.stack(self._step_losses).cpu().tolist() if self._step_losses else []
-        self._step_losses = []
+        losses, ce = (torch.stack(x).cpu().tolist() if x else [] for x in (self._step_losses, self._step_ce))
+        self._step_losses, self._step_ce = [], []
         bad = next((value for value in losses if not math.isfinite(value)), None)
         if bad is not None:
             raise FloatingPointError(
                 f"Loss is {bad} at step {self.state.global_step} (stitch {self._step_stitch}): training stopped and "
                 "no checkpoint was written over the last good one. Lower the learning rate or set max_grad_norm."
             )
-        local_loss = 0.0
-        for value in losses:  # in order, as plain floats (not `sum`, which compensates from Python 3.12 on)
+        local_loss = 0.0  # the step's cross-entropy (its whole loss without distillation)
+        for value in ce:  # in order, as plain floats (not `sum`, which compensates from Python 3.12 on)
             local_loss += value
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         # A NaN in a weight the step's stitch does not run leaves its loss finite: check every trainable tensor.

@@ -1,7 +1,10 @@
 """loss-gap sampling: importance from how far a stitch's running loss lies above the cheaper stitches' best."""
 
+import math
+
 import pytest
-from test_trainer import make_trainer
+import torch
+from test_trainer import dataset, make_trainer
 
 from stitched_llama.sampler import StitchSampler
 
@@ -43,3 +46,43 @@ def test_training_with_loss_gap_deploys_by_running_loss(tmp_path):
     middle = [k for k in deployed if 0 < k < sampler.num_stitches - 1]
     best = min(range(sampler.num_stitches), key=lambda k: sampler.losses[k])
     assert middle == ([best] if 0 < best < sampler.num_stitches - 1 else [])
+
+
+def test_frontier_stitches_keep_their_uniform_share():
+    sampler = StitchSampler(
+        5, mode="loss-gap", ema=0.0, eps=0.2, costs=[1, 2, 3, 4, 5], warmup_steps=0, keep_frontier=True
+    )
+    for stitch, loss in enumerate([3.0, 3.6, 2.9, 3.2, 2.0]):
+        sampler.update_loss(stitch, loss)
+    # Gaps: 1 and 3 lie 0.6 and 0.3 above the cheaper stitches' best; 0, 2 and 4 are on the frontier.
+    assert sampler.importance == pytest.approx([0.0, 0.6, 0.0, 0.3, 0.0])
+    # Frontier: 1/5 each. The other 2/5 by gap: z = (+1, -1), softmax -> e/(e + 1/e), then the eps share.
+    high = math.e / (math.e + 1 / math.e)
+    expected = [0.2, 0.4 * (0.8 * high + 0.1), 0.2, 0.4 * (0.8 * (1 - high) + 0.1), 0.2]
+    assert sampler.probabilities == pytest.approx(expected)
+    sampler.keep_frontier = False  # the plain rule starves the frontier: each anchor gets less than 1/5
+    assert sampler.probabilities[0] < 0.2 and sampler.probabilities[4] < 0.2
+
+
+def test_a_frontier_without_stitches_below_it_is_uniform():
+    sampler = StitchSampler(3, mode="loss-gap", ema=0.0, costs=[1, 2, 3], warmup_steps=0, keep_frontier=True)
+    for stitch, loss in enumerate([3.0, 2.5, 2.0]):
+        sampler.update_loss(stitch, loss)
+    assert sampler.probabilities == pytest.approx([1 / 3] * 3)
+
+
+def test_with_distillation_the_running_loss_is_the_cross_entropy(tmp_path):
+    # The large anchor trains on cross-entropy alone: stitches are compared on it, not on the mixed loss.
+    trainer = make_trainer(
+        tmp_path,
+        sampling="loss-gap",
+        max_steps=1,
+        train_stitches="1",
+        distill_alpha=0.5,
+        per_device_train_batch_size=48,
+    )
+    inputs = {key: torch.tensor(value) for key, value in dataset()[:].items()}  # the whole set: the one batch
+    with torch.no_grad():
+        expected = trainer.model(**inputs, stitch=1).loss.item()  # LoRA B and the biases start at zero
+    trainer.train()
+    assert trainer.sampler.losses[1] == pytest.approx(expected, rel=1e-5)
