@@ -273,8 +273,12 @@ def report(out: Path) -> None:
     lines = [
         f"# Palette comparison: {settings.get('small', 'small')} / {settings.get('large', 'large')}",
         "",
-        f"Machine: {results['machine']}. Settings: {json.dumps(settings)}.",
+        f"Machine: {results['machine']}. Settings (of the latest call): {json.dumps(settings)}.",
     ]
+    machines = {
+        run["method"]: run["machine"] for run in runs if run.get("machine", results["machine"]) != results["machine"]
+    }
+    lines += [f"- {method} ran on: {machine}." for method, machine in machines.items()]
     for key, title in (("perplexity", "Held-out Python-docs perplexity"), (second, f"Test {second.replace('_', ' ')}")):
         lines += [
             "",
@@ -490,7 +494,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             # A per-stitch run adds the stitches an earlier call of it did not train (other --per-stitch-kinds).
             skip = {r["stitch"] for r in earlier["stitches"]} if earlier else set()
-            result = run_method(method, seed, data, args, skip=skip)
+            result = run_method(method, seed, data, args, skip=skip) | {"machine": results["machine"]}
             if not result["stitches"]:
                 continue
             losses = ", ".join(f"{r['name']}: {math.exp(r['loss']):.2f}" for r in result["stitches"])
