@@ -93,6 +93,17 @@ METHODS = {  # name -> StitchTrainingArguments overrides
         method="esta", sampling="loss-gap", loss_gap_keep_frontier=True, distill_alpha=0.5, distill_temperature=1.0
     ),
     "esta-frontier": dict(method="esta", sampling="loss-gap", loss_gap_keep_frontier=True),
+    "esta-frontier-ref-distill": dict(
+        method="esta",
+        sampling="loss-gap",
+        loss_gap_keep_frontier=True,
+        loss_gap_reference="teacher",
+        distill_alpha=0.5,
+        distill_temperature=1.0,
+    ),
+    "esta-loss-gap-ref-distill": dict(
+        method="esta", sampling="loss-gap", loss_gap_reference="teacher", distill_alpha=0.5, distill_temperature=1.0
+    ),
     "snnet-full": dict(method="snnet-full", sampling="uniform"),
 }
 PER_STITCH = "lora-per-stitch"

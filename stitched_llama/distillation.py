@@ -60,6 +60,22 @@ def distillation_loss(
     return total / denominator
 
 
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+) -> torch.Tensor:
+    """Next-token cross-entropy as transformers' causal LMs compute it: summed over the scored positions and divided
+    by `num_items_in_batch` when given, else by the number of scored tokens. logits `[batch, seq, vocab]`, labels
+    `[batch, seq]`; position `t` predicts label `t + 1`."""
+    targets = labels[:, 1:]  # [batch, seq - 1]
+    total = F.cross_entropy(
+        logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    denominator = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum().clamp(min=1)
+    if isinstance(denominator, torch.Tensor):
+        denominator = denominator.to(total.device)
+    return total / denominator
+
+
 class TeacherCache:
     """The teacher's top-k log-probabilities of each training example, computed on its first visit.
 
@@ -107,4 +123,4 @@ class TeacherCache:
         return ids, logprobs
 
 
-__all__ = ["TeacherCache", "distillation_loss", "teacher_topk"]
+__all__ = ["TeacherCache", "causal_lm_loss", "distillation_loss", "teacher_topk"]

@@ -30,7 +30,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from .distillation import TeacherCache, distillation_loss, teacher_topk
+from .distillation import TeacherCache, causal_lm_loss, distillation_loss, teacher_topk
 from .esta import METHODS, EstaConfig, prepare_esta, stitch_bias_norms, trainable_parameters, unwrap_palette
 from .modeling_stitched_llama import StitchedLlamaForCausalLM, check_finite, stitch_of_bias
 from .sampler import StitchSampler, StitchSamplerCallback, select_stitches_to_deploy
@@ -72,6 +72,15 @@ class StitchTrainingArguments(TrainingArguments):
     )
     importance_eps: float = field(
         default=0.2, metadata={"help": "Share of the sampling probability spread uniformly over all stitches."}
+    )
+    loss_gap_reference: str = field(
+        default="none",
+        metadata={
+            "help": "What loss-gap measures a stitch's loss against on each batch: `none` (its cross-entropy as "
+            "is), or `teacher` (less the frozen large anchor's on the same batch, so that easy and hard batches "
+            "cancel; one more forward pass per step without distillation).",
+            "choices": ["none", "teacher"],
+        },
     )
     loss_gap_keep_frontier: bool = field(
         default=False,
@@ -148,6 +157,7 @@ class StitchTrainingArguments(TrainingArguments):
         # Checked here, when the arguments are built, so a bad value fails before any model is loaded.
         choices = {"method": METHODS, "sampling": SAMPLINGS, "saliency_params": ("shared", "all")}
         choices["eval_stitches"] = ("all", "deployed")
+        choices["loss_gap_reference"] = ("none", "teacher")
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Unknown {name} {getattr(self, name)!r}: use one of {', '.join(allowed)}.")
@@ -178,6 +188,11 @@ class StitchTrainingArguments(TrainingArguments):
             )
         if self.distill_cache and self.distill_top_k is None:
             raise ValueError("distill_cache=True needs distill_top_k (e.g. 64) to bound the memory it uses.")
+        if self.loss_gap_reference == "teacher" and (self.distill_cache or self.method == "snnet-full"):
+            raise ValueError(
+                "loss_gap_reference='teacher' needs the frozen large anchor's full output on every batch: it cannot "
+                "read it from the teacher cache (set distill_cache=False) nor from trained anchors (method='esta')."
+            )
         if self.distill_alpha > 0 and self.method == "snnet-full":
             raise ValueError(
                 "distill_alpha > 0 needs frozen anchors to distill from, and snnet-full trains them: use "
@@ -271,6 +286,10 @@ class StitchTrainerMixin:
         # logs compare stitches on cross-entropy, since the large anchor trains on it alone.
         self._ce_share: torch.Tensor | None = None
         self._step_ce: list[torch.Tensor] = []
+        # What loss-gap scores, as a share of each micro-batch loss: the cross-entropy, less the frozen large
+        # anchor's on the same batch with `loss_gap_reference="teacher"` (so batches of unequal difficulty cancel).
+        self._score_share: torch.Tensor | None = None
+        self._step_scores: list[torch.Tensor] = []
         self._deployed = False
         self.last_eval_metrics: dict[str, float] = {}
         self.teacher_cache = TeacherCache(args.distill_top_k) if args.distill_cache and args.distill_alpha > 0 else None
@@ -325,8 +344,9 @@ class StitchTrainerMixin:
         loss = super().training_step(model, {**inputs, "stitch": stitch}, num_items_in_batch)
         # Kept on the device and read once the step's gradients are complete (`_score_step`): no sync per micro-batch.
         self._step_losses.append(loss.detach())
-        share, self._ce_share = self._ce_share, None
-        self._step_ce.append(loss.detach() * share if share is not None else loss.detach())
+        for share, kept in ((self._ce_share, self._step_ce), (self._score_share, self._step_scores)):
+            kept.append(loss.detach() * share if share is not None else loss.detach())
+        self._ce_share = self._score_share = None
         return loss
 
     def compute_loss(
@@ -341,28 +361,40 @@ class StitchTrainerMixin:
         alpha = self.args.distill_alpha
         stitch = inputs.get("stitch")
         large = self.palette.num_stitches - 1
-        distill = alpha > 0 and model.training and stitch is not None and stitch % self.palette.num_stitches != large
+        training = model.training and stitch is not None
+        distill = alpha > 0 and training and stitch % self.palette.num_stitches != large
+        reference = training and self.args.loss_gap_reference == "teacher"
         # Ask for the outputs only when they are used: TRL's fused head builds the logits with an extra pass.
         wants = return_outputs or distill
         result = super().compute_loss(model, inputs, return_outputs=wants, num_items_in_batch=num_items_in_batch)
-        loss, outputs = result if wants else (result, None)
+        ce, outputs = result if wants else (result, None)
+        loss, score = ce, ce
+        if distill or reference:
+            ids, logprobs, teacher_ce = self._teacher(model, inputs, num_items_in_batch)
         if distill:
-            ids, logprobs = self._teacher(model, inputs)
             kd = distillation_loss(
                 outputs.logits, ids, logprobs, inputs["labels"], self.args.distill_temperature, num_items_in_batch
             )
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 kd = kd * self.accelerator.num_processes  # as `Trainer.compute_loss` scales the cross-entropy
-            mixed = (1 - alpha) * loss + alpha * kd
-            self._ce_share = (loss / mixed).detach().nan_to_num(nan=1.0, posinf=1.0) if mixed.requires_grad else None
-            loss = mixed
+            loss = (1 - alpha) * ce + alpha * kd
+        if reference:
+            score = ce - teacher_ce
+        if training and loss.requires_grad:
+            # `training_step` scales the loss it returns; these shares read the same scale off it.
+            self._ce_share, self._score_share = ((x / loss).detach().nan_to_num(0.0, 0.0, 0.0) for x in (ce, score))
         return (loss, outputs) if return_outputs else loss
 
-    def _teacher(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The large anchor's top-k (ids, log-probabilities), `[batch, seq, k]`, from the cache or a live pass."""
+    def _teacher(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The frozen large anchor's top-k (ids, log-probabilities), `[batch, seq, k]`, from the cache or a live pass,
+        and with `loss_gap_reference="teacher"` its cross-entropy on the labels (a live pass: the cache is refused)."""
         peft_model = self.accelerator.unwrap_model(model)
+        teacher_ce = None
 
         def live() -> tuple[torch.Tensor, torch.Tensor]:
+            nonlocal teacher_ce
             adapters = peft_model.disable_adapter() if isinstance(peft_model, PeftModel) else contextlib.nullcontext()
             with torch.no_grad(), adapters, self.palette.disable_stitch_biases():
                 logits = peft_model(
@@ -371,25 +403,31 @@ class StitchTrainerMixin:
                     stitch=self.palette.num_stitches - 1,
                     use_cache=False,
                 ).logits  # [batch, seq, vocab]
+                if self.args.loss_gap_reference == "teacher":
+                    teacher_ce = causal_lm_loss(logits, inputs["labels"], num_items_in_batch)
+                    if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                        teacher_ce = teacher_ce * self.accelerator.num_processes  # as the stitch's cross-entropy
             return teacher_topk(logits, self.args.distill_temperature, self.args.distill_top_k)
 
         if self.teacher_cache is None:
-            return live()
-        return self.teacher_cache.lookup(inputs["input_ids"], inputs.get("attention_mask"), live)
+            return *live(), teacher_ce
+        return *self.teacher_cache.lookup(inputs["input_ids"], inputs.get("attention_mask"), live), teacher_ce
 
     def _score_step(self) -> None:
         # Micro-batch losses come scaled so that their sum is the step's loss; one copy to the host reads them all.
-        losses, ce = (torch.stack(x).cpu().tolist() if x else [] for x in (self._step_losses, self._step_ce))
-        self._step_losses, self._step_ce = [], []
+        kept = (self._step_losses, self._step_ce, self._step_scores)
+        losses, ce, scores = (torch.stack(x).cpu().tolist() if x else [] for x in kept)
+        self._step_losses, self._step_ce, self._step_scores = [], [], []
         bad = next((value for value in losses if not math.isfinite(value)), None)
         if bad is not None:
             raise FloatingPointError(
                 f"Loss is {bad} at step {self.state.global_step} (stitch {self._step_stitch}): training stopped and "
                 "no checkpoint was written over the last good one. Lower the learning rate or set max_grad_norm."
             )
-        local_loss = 0.0  # the step's cross-entropy (its whole loss without distillation)
-        for value in ce:  # in order, as plain floats (not `sum`, which compensates from Python 3.12 on)
+        local_loss, step_loss = 0.0, 0.0  # the step's cross-entropy, and what loss-gap scores
+        for value, score in zip(ce, scores):  # in order, as plain floats (not `sum`: it compensates from 3.12 on)
             local_loss += value
+            step_loss += score
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         # A NaN in a weight the step's stitch does not run leaves its loss finite: check every trainable tensor.
         check_finite(
@@ -402,7 +440,6 @@ class StitchTrainerMixin:
             shared = self.args.saliency_params == "shared"
             params = [p for n, p in trainable if not shared or stitch_of_bias(n) is None]
             self.sampler.update(self._step_stitch, params)
-        step_loss = local_loss
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # Every rank must see the same losses, or their samplers would draw different stitches.
             total = torch.tensor([step_loss], dtype=torch.float64, device=self.args.device)

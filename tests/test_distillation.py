@@ -85,7 +85,8 @@ def test_teacher_is_the_frozen_large_anchor_and_training_resumes_after_it(tmp_pa
     trainer = trainer_for(tmp_path, palette, distill_alpha=0.5)
     perturb_training(trainer)
     inputs = batch(pad=2)
-    ids, logprobs = trainer._teacher(trainer.model, inputs)
+    ids, logprobs, teacher_ce = trainer._teacher(trainer.model, inputs)
+    assert teacher_ce is None  # only loss_gap_reference='teacher' asks for it
     with torch.no_grad():
         plain = large(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
     torch.testing.assert_close(logprobs, F.log_softmax(plain, -1), rtol=1e-5, atol=1e-5)

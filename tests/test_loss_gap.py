@@ -1,10 +1,12 @@
 """loss-gap sampling: importance from how far a stitch's running loss lies above the cheaper stitches' best."""
 
+import copy
 import math
 
 import pytest
 import torch
-from test_trainer import dataset, make_trainer
+from conftest import build_palette
+from test_trainer import dataset, make_args, make_trainer
 
 from stitched_llama.sampler import StitchSampler
 
@@ -86,3 +88,34 @@ def test_with_distillation_the_running_loss_is_the_cross_entropy(tmp_path):
         expected = trainer.model(**inputs, stitch=1).loss.item()  # LoRA B and the biases start at zero
     trainer.train()
     assert trainer.sampler.losses[1] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+def test_the_teacher_reference_scores_the_cross_entropy_above_the_plain_large_anchor(tmp_path, alpha):
+    palette, (_, large) = build_palette("llama")
+    scores = {}
+    for stitch in (1, palette.num_stitches - 1):
+        trainer = make_trainer(
+            tmp_path,
+            palette=copy.deepcopy(palette),
+            sampling="loss-gap",
+            loss_gap_reference="teacher",
+            max_steps=1,
+            train_stitches=str(stitch),
+            distill_alpha=alpha,
+            per_device_train_batch_size=48,
+        )
+        inputs = {key: torch.tensor(value) for key, value in dataset()[:].items()}  # the whole set: the one batch
+        with torch.no_grad():
+            own = trainer.model(**inputs, stitch=stitch).loss.item()  # LoRA B and the biases start at zero
+            plain = large(**inputs).loss.item()
+        trainer.train()
+        scores[stitch] = trainer.sampler.losses[stitch]
+        assert scores[stitch] == pytest.approx(own - plain, rel=1e-4, abs=1e-5)
+    assert scores[palette.num_stitches - 1] == pytest.approx(0.0, abs=1e-5)  # untrained: the large anchor itself
+    assert abs(scores[1]) > 1e-3  # the hybrid differs from it (by 0.013 nats on these random anchors)
+
+
+def test_the_teacher_reference_cannot_read_the_teacher_cache(tmp_path):
+    with pytest.raises(ValueError, match="distill_cache=False"):
+        make_args(tmp_path, loss_gap_reference="teacher", distill_alpha=0.5, distill_top_k=4, distill_cache=True)
