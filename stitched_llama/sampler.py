@@ -10,7 +10,10 @@ whole state (importance, counts, generator, history) into every checkpoint's `tr
 
 `loss-gap` sampling scores a stitch instead by how far its running training loss lies above the best running loss
 of the stitches that cost no more than it does: a stitch far above that frontier is the one training can still
-move onto it. It needs no extra evaluation, only the losses the steps already computed.
+move onto it. It needs no extra evaluation, only the losses the steps already computed. With `keep_frontier`, the
+stitches on that frontier (gap 0) keep their uniform share of the steps and only the rest is spread by gap, so the
+shared LoRA is not pulled off the anchors. What loss a step reports (cross-entropy, or cross-entropy less the frozen
+large anchor's on the same batch) is the trainer's choice (docs/training.md).
 """
 
 from __future__ import annotations
