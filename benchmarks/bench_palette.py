@@ -83,27 +83,18 @@ PAIRS = {  # --pair -> defaults of the other options
     ),
 }
 
+DISTILL = dict(distill_alpha=0.5, distill_temperature=1.0)
+LOSS_GAP = dict(method="esta", sampling="loss-gap")
+FRONTIER = LOSS_GAP | dict(loss_gap_keep_frontier=True)
 METHODS = {  # name -> StitchTrainingArguments overrides
     "esta-importance": dict(method="esta", sampling="importance"),
     "esta-uniform": dict(method="esta", sampling="uniform"),
-    "esta-loss-gap": dict(method="esta", sampling="loss-gap"),
-    "esta-distill": dict(method="esta", sampling="uniform", distill_alpha=0.5, distill_temperature=1.0),
-    "esta-loss-gap-distill": dict(method="esta", sampling="loss-gap", distill_alpha=0.5, distill_temperature=1.0),
-    "esta-frontier-distill": dict(
-        method="esta", sampling="loss-gap", loss_gap_keep_frontier=True, distill_alpha=0.5, distill_temperature=1.0
-    ),
-    "esta-frontier": dict(method="esta", sampling="loss-gap", loss_gap_keep_frontier=True),
-    "esta-frontier-ref-distill": dict(
-        method="esta",
-        sampling="loss-gap",
-        loss_gap_keep_frontier=True,
-        loss_gap_reference="teacher",
-        distill_alpha=0.5,
-        distill_temperature=1.0,
-    ),
-    "esta-loss-gap-ref-distill": dict(
-        method="esta", sampling="loss-gap", loss_gap_reference="teacher", distill_alpha=0.5, distill_temperature=1.0
-    ),
+    "esta-loss-gap": LOSS_GAP,
+    "esta-distill": dict(method="esta", sampling="uniform") | DISTILL,
+    "esta-loss-gap-distill": LOSS_GAP | DISTILL,
+    "esta-frontier": FRONTIER,
+    "esta-frontier-distill": FRONTIER | DISTILL,
+    "esta-frontier-ref-distill": FRONTIER | DISTILL | dict(loss_gap_reference="teacher"),
     "snnet-full": dict(method="snnet-full", sampling="uniform"),
 }
 PER_STITCH = "lora-per-stitch"

@@ -54,10 +54,7 @@ def distillation_loss(
     teacher = teacher - teacher.logsumexp(dim=-1, keepdim=True)
     kl = (teacher.exp() * (teacher - student)).sum(dim=-1)  # [batch, seq - 1]
     total = torch.where(scored, kl, torch.zeros_like(kl)).sum() * temperature**2
-    denominator = num_items_in_batch if num_items_in_batch is not None else scored.sum().clamp(min=1)
-    if isinstance(denominator, torch.Tensor):
-        denominator = denominator.to(total.device)
-    return total / denominator
+    return _per_item(total, scored, num_items_in_batch)
 
 
 def causal_lm_loss(
@@ -70,7 +67,13 @@ def causal_lm_loss(
     total = F.cross_entropy(
         logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    denominator = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum().clamp(min=1)
+    return _per_item(total, targets != IGNORE_INDEX, num_items_in_batch)
+
+
+def _per_item(total: torch.Tensor, scored: torch.Tensor, num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor:
+    """`total` divided as transformers divides a causal-LM loss: by `num_items_in_batch` when given, else by the
+    number of `scored` positions."""
+    denominator = num_items_in_batch if num_items_in_batch is not None else scored.sum().clamp(min=1)
     if isinstance(denominator, torch.Tensor):
         denominator = denominator.to(total.device)
     return total / denominator

@@ -85,13 +85,14 @@ class StitchSampler:
                 full[s] = 1.0 / k
             return full
         drawn = self.stitches
-        if self.keep_frontier and self.mode == "loss-gap":
+        below = [s for s in self.stitches if self.importance[s] > 0]
+        if self.keep_frontier and self.mode == "loss-gap" and below:
             # Stitches on the frontier (gap 0: no cheaper stitch has a lower loss) keep their uniform share, so
             # the shared LoRA is not pulled off them; the rest of the mass goes by gap to the stitches below it.
-            drawn = [s for s in self.stitches if self.importance[s] > 0] or self.stitches
-            for s in self.stitches:
-                full[s] = 1.0 / k if s not in drawn else 0.0
-        mass = len(drawn) / k if drawn is not self.stitches else 1.0
+            for s in set(self.stitches) - set(below):
+                full[s] = 1.0 / k
+            drawn = below
+        mass = len(drawn) / k
         values = torch.tensor([self.importance[s] for s in drawn], dtype=torch.float64)
         std = values.std(unbiased=False)
         z = (values - values.mean()) / std if std > 0 else torch.zeros_like(values)

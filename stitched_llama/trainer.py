@@ -375,15 +375,20 @@ class StitchTrainerMixin:
             kd = distillation_loss(
                 outputs.logits, ids, logprobs, inputs["labels"], self.args.distill_temperature, num_items_in_batch
             )
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                kd = kd * self.accelerator.num_processes  # as `Trainer.compute_loss` scales the cross-entropy
-            loss = (1 - alpha) * ce + alpha * kd
+            loss = (1 - alpha) * ce + alpha * self._as_trainer_scales(kd, num_items_in_batch)
         if reference:
             score = ce - teacher_ce
         if training and loss.requires_grad:
             # `training_step` scales the loss it returns; these shares read the same scale off it.
             self._ce_share, self._score_share = ((x / loss).detach().nan_to_num(0.0, 0.0, 0.0) for x in (ce, score))
         return (loss, outputs) if return_outputs else loss
+
+    def _as_trainer_scales(self, loss: torch.Tensor, num_items_in_batch: torch.Tensor | int | None) -> torch.Tensor:
+        # `Trainer.compute_loss` multiplies the model's loss by the process count when it averages tokens across
+        # devices: a loss computed here must be on the same scale to be mixed with it or subtracted from it.
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            return loss * self.accelerator.num_processes
+        return loss
 
     def _teacher(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
@@ -404,9 +409,8 @@ class StitchTrainerMixin:
                     use_cache=False,
                 ).logits  # [batch, seq, vocab]
                 if self.args.loss_gap_reference == "teacher":
-                    teacher_ce = causal_lm_loss(logits, inputs["labels"], num_items_in_batch)
-                    if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                        teacher_ce = teacher_ce * self.accelerator.num_processes  # as the stitch's cross-entropy
+                    ce = causal_lm_loss(logits, inputs["labels"], num_items_in_batch)
+                    teacher_ce = self._as_trainer_scales(ce, num_items_in_batch)
             return teacher_topk(logits, self.args.distill_temperature, self.args.distill_top_k)
 
         if self.teacher_cache is None:

@@ -73,19 +73,26 @@ def test_a_frontier_without_stitches_below_it_is_uniform():
     assert sampler.probabilities == pytest.approx([1 / 3] * 3)
 
 
-def test_with_distillation_the_running_loss_is_the_cross_entropy(tmp_path):
-    # The large anchor trains on cross-entropy alone: stitches are compared on it, not on the mixed loss.
+def one_step(tmp_path, stitch, palette=None, **kwargs):
+    """A loss-gap trainer that trains `stitch` for one step on the whole dataset as its one batch, and that batch;
+    LoRA B and the biases still start at zero, so a plain forward gives the step's loss."""
     trainer = make_trainer(
         tmp_path,
+        palette=palette,
         sampling="loss-gap",
         max_steps=1,
-        train_stitches="1",
-        distill_alpha=0.5,
+        train_stitches=str(stitch),
         per_device_train_batch_size=48,
+        **kwargs,
     )
-    inputs = {key: torch.tensor(value) for key, value in dataset()[:].items()}  # the whole set: the one batch
+    return trainer, {key: torch.tensor(value) for key, value in dataset()[:].items()}
+
+
+def test_with_distillation_the_running_loss_is_the_cross_entropy(tmp_path):
+    # The large anchor trains on cross-entropy alone: stitches are compared on it, not on the mixed loss.
+    trainer, inputs = one_step(tmp_path, 1, distill_alpha=0.5)
     with torch.no_grad():
-        expected = trainer.model(**inputs, stitch=1).loss.item()  # LoRA B and the biases start at zero
+        expected = trainer.model(**inputs, stitch=1).loss.item()
     trainer.train()
     assert trainer.sampler.losses[1] == pytest.approx(expected, rel=1e-5)
 
@@ -95,19 +102,11 @@ def test_the_teacher_reference_scores_the_cross_entropy_above_the_plain_large_an
     palette, (_, large) = build_palette("llama")
     scores = {}
     for stitch in (1, palette.num_stitches - 1):
-        trainer = make_trainer(
-            tmp_path,
-            palette=copy.deepcopy(palette),
-            sampling="loss-gap",
-            loss_gap_reference="teacher",
-            max_steps=1,
-            train_stitches=str(stitch),
-            distill_alpha=alpha,
-            per_device_train_batch_size=48,
+        trainer, inputs = one_step(
+            tmp_path, stitch, copy.deepcopy(palette), loss_gap_reference="teacher", distill_alpha=alpha
         )
-        inputs = {key: torch.tensor(value) for key, value in dataset()[:].items()}  # the whole set: the one batch
         with torch.no_grad():
-            own = trainer.model(**inputs, stitch=stitch).loss.item()  # LoRA B and the biases start at zero
+            own = trainer.model(**inputs, stitch=stitch).loss.item()
             plain = large(**inputs).loss.item()
         trainer.train()
         scores[stitch] = trainer.sampler.losses[stitch]
