@@ -13,6 +13,7 @@
    - `esta-uniform`: the same, uniform sampling;
    - `esta-loss-gap`: the same, sampling by how far a stitch's running loss lies above the cheaper stitches';
    - `esta-distill`: uniform sampling, loss mixed with distillation from the frozen large anchor;
+   - `esta-distill-stitch`: the same, the stitching layers' own weights trained instead of a LoRA on them;
    - `snnet-full`: SN-Net direct adaptation (every anchor weight trained, uniform);
    - `lora-per-stitch`: one LoRA per stitch, each given the whole step budget (the upper reference, and the
      "tune each size separately" baseline: it includes the anchors and the layer-dropped large anchor).
@@ -91,6 +92,7 @@ METHODS = {  # name -> StitchTrainingArguments overrides
     "esta-uniform": dict(method="esta", sampling="uniform"),
     "esta-loss-gap": LOSS_GAP,
     "esta-distill": dict(method="esta", sampling="uniform") | DISTILL,
+    "esta-distill-stitch": dict(method="esta", sampling="uniform", train_stitch_layers=True) | DISTILL,
     "esta-loss-gap-distill": LOSS_GAP | DISTILL,
     "esta-frontier": FRONTIER,
     "esta-frontier-distill": FRONTIER | DISTILL,

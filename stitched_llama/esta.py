@@ -55,6 +55,13 @@ class EstaConfig:
     stitch_layers: bool = field(
         default=True, metadata={"help": "Also put LoRA and stitch biases on the stitching layers."}
     )
+    train_stitch_layers: bool = field(
+        default=False,
+        metadata={
+            "help": "Train the stitching layers' own weight and bias, as SN-Net does, instead of a LoRA on them. "
+            "They are small (d_small x d_large each) and sit where the stitch loses most."
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -86,7 +93,7 @@ def prepare_esta(palette: StitchedLlamaForCausalLM, config: EstaConfig | None = 
         palette.add_stitch_biases([*config.target_modules, *(["stitch_layers"] if config.stitch_layers else [])])
     names = "|".join(config.target_modules)
     pattern = rf"(small|large)\.model\.layers\.\d+\.(self_attn|mlp)\.({names})"
-    if config.stitch_layers and len(palette.stitch_layers):
+    if config.stitch_layers and not config.train_stitch_layers and len(palette.stitch_layers):
         pattern += r"|stitch_layers\.[0-9_]+"
     lora = LoraConfig(
         r=config.r,
@@ -97,6 +104,8 @@ def prepare_esta(palette: StitchedLlamaForCausalLM, config: EstaConfig | None = 
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(palette, lora)
+    if config.train_stitch_layers:
+        palette.stitch_layers.requires_grad_(True)  # their weights and biases: no LoRA was put on them
     _stitch_biases_trainable(palette, True)  # peft froze everything but LoRA
     return model
 
@@ -167,6 +176,9 @@ def save_esta_adapter(model: PeftModel, save_directory: str | os.PathLike) -> No
     save_file(state, os.path.join(save_directory, _EXTRA_WEIGHTS))
     palette.config.save_pretrained(save_directory)
     info = {"small": palette.small.config.name_or_path, "large": palette.large.config.name_or_path}
+    # Whether the stitching layers' own weights train (`train_stitch_layers`), so that a trainable reload does too.
+    own_weights = [p for n, p in palette.stitch_layers.named_parameters() if n.count(".") == 1 and "lora_" not in n]
+    info["train_stitch_layers"] = any(p.requires_grad for p in own_weights)
     with open(os.path.join(save_directory, _ADAPTER_INFO), "w") as f:
         json.dump(info, f, indent=2)
 
@@ -203,6 +215,8 @@ def load_esta_adapter(
         module.to(device=reference.device)
     palette.requires_grad_(False)
     model = PeftModel.from_pretrained(palette, directory, is_trainable=is_trainable)
+    if is_trainable and info.get("train_stitch_layers", False):
+        palette.stitch_layers.requires_grad_(True)
     _stitch_biases_trainable(palette, is_trainable)
     return model
 

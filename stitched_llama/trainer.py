@@ -129,6 +129,13 @@ class StitchTrainingArguments(TrainingArguments):
         default="q_proj,k_proj,v_proj,o_proj",
         metadata={"help": "Comma-separated anchor linears to adapt; add gate_proj,up_proj,down_proj for the MLPs."},
     )
+    train_stitch_layers: bool = field(
+        default=False,
+        metadata={
+            "help": "Train the stitching layers' own weights, as SN-Net does, instead of a LoRA on them (esta and "
+            "lora-no-bias; snnet-full trains them anyway)."
+        },
+    )
     distill_alpha: float = field(
         default=0.0,
         metadata={
@@ -229,6 +236,7 @@ class StitchTrainingArguments(TrainingArguments):
             lora_alpha=self.lora_alpha,
             lora_dropout=self.lora_dropout,
             target_modules=tuple(m.strip() for m in self.lora_target_modules.split(",") if m.strip()),
+            train_stitch_layers=self.train_stitch_layers,
         )
 
 

@@ -12,6 +12,7 @@ from stitched_llama.esta import (
     prepare_esta,
     save_esta_adapter,
     trainable_parameters,
+    unwrap_palette,
 )
 
 X = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
@@ -140,3 +141,52 @@ def test_adapter_only_save_and_load(tmp_path):
     reloaded = load_esta_adapter(tmp_path, small=small, large=large)
     for k in range(palette.num_stitches):
         assert torch.allclose(reloaded(input_ids=X, stitch=k).logits, expected[k], atol=1e-6)
+
+
+def own_stitch_weights(palette):
+    """`{name: parameter}` of the stitching layers' own weights and biases (not LoRA, not stitch biases)."""
+    return {n: p for n, p in palette.stitch_layers.named_parameters() if n.endswith((".weight", ".bias"))}
+
+
+def test_train_stitch_layers_trains_their_own_weights_instead_of_a_lora(tmp_path):
+    import copy
+
+    palette, anchors = build_palette("llama")
+    anchors = copy.deepcopy(anchors)  # the palette adopts its anchors, and peft then wraps their linears
+    model = prepare_esta(palette, EstaConfig(train_stitch_layers=True))
+    own = own_stitch_weights(palette)
+    assert set(own) == {f"{key}.{kind}" for key in palette.stitch_layers for kind in ("weight", "bias")}
+    assert all(p.requires_grad for p in own.values())
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert not any("stitch_layers" in n and "lora_" in n for n in trainable)
+    assert any("stitch_layers" in n and ".stitch_bias." in n for n in trainable)
+    anchor_weights = [
+        n for n in trainable if ".stitch_bias." not in n and "lora_" not in n and "stitch_layers" not in n
+    ]
+    assert anchor_weights == []
+
+    # a trainable reload trains them again; a plain one keeps them frozen, with the saved values either way
+    perturb_trainable(model, seed=2)
+    expected = [model(input_ids=X, stitch=k).logits.detach() for k in range(palette.num_stitches)]
+    save_esta_adapter(model, tmp_path)
+    for is_trainable in (True, False):
+        small, large = copy.deepcopy(anchors)
+        reloaded = load_esta_adapter(tmp_path, small=small, large=large, is_trainable=is_trainable)
+        again = own_stitch_weights(unwrap_palette(reloaded))
+        assert all(p.requires_grad == is_trainable for p in again.values())
+        for name, p in again.items():
+            assert torch.equal(p, own[name]), name
+        with torch.no_grad():
+            for k in range(palette.num_stitches):
+                assert torch.allclose(reloaded(input_ids=X, stitch=k).logits, expected[k], atol=1e-6)
+
+
+def test_default_keeps_the_stitching_layers_own_weights_frozen():
+    palette, _ = build_palette("llama")
+    prepare_esta(palette)
+    frozen = {
+        n: p
+        for n, p in palette.stitch_layers.named_parameters()
+        if n.endswith(("base_layer.weight", "base_layer.bias"))
+    }
+    assert frozen and not any(p.requires_grad for p in frozen.values())

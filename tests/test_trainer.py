@@ -152,6 +152,24 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.allclose(a[name], b[name], atol=1e-6), name
 
 
+def test_trained_stitching_layers_move_and_resume_exactly(tmp_path):
+    palette, (small, _) = build_palette("llama")
+    before = {n: p.detach().clone() for n, p in palette.stitch_layers.named_parameters()}
+    straight = make_trainer(tmp_path / "a", palette=palette, max_steps=12, train_stitch_layers=True)
+    straight.train()
+    moved = {n for n, p in palette.stitch_layers.named_parameters() if n in before and not torch.equal(p, before[n])}
+    assert moved == set(before)  # each P_n's weight and bias (stitch biases came after `before`)
+    assert torch.equal(palette.small.model.layers[0].mlp.up_proj.weight, small.model.layers[0].mlp.up_proj.weight)
+
+    make_trainer(tmp_path / "b", max_steps=12, save_strategy="steps", save_steps=5, train_stitch_layers=True).train()
+    resumed = make_trainer(tmp_path / "b", max_steps=12, save_strategy="steps", save_steps=5, train_stitch_layers=True)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-5"))
+    a, b = final_state(straight), final_state(resumed)
+    assert a.keys() == b.keys() and any(n.endswith(f"stitch_layers.{key}.weight") for n in a for key in ("1", "2"))
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+
+
 def test_nan_loss_stops_training_and_keeps_the_last_checkpoint(tmp_path):
     class Poison(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
