@@ -477,8 +477,13 @@ def main(argv: list[str] | None = None) -> None:
         if curve_path.is_file():  # keep an earlier call's runs of the same stitches and steps (other seeds)
             earlier = json.loads(curve_path.read_text())
             stitches = earlier.get("stitches", results["search"]["stitches"])  # files before this key: trusted
-            if stitches == results["search"]["stitches"] and earlier["settings"].get("curve_steps") == args.curve_steps:
-                curve["runs"] = earlier["runs"]
+            steps = earlier["settings"].get("curve_steps")
+            if stitches != results["search"]["stitches"] or steps != args.curve_steps:
+                raise SystemExit(
+                    f"{curve_path} holds curves of other stitches or steps ({stitches}, {steps} steps; this call: "
+                    f"{results['search']['stitches']}, {args.curve_steps}); pass another --out to keep both"
+                )
+            curve["runs"] = earlier["runs"]
         curve["stitches"] = results["search"]["stitches"]
         for seed in args.seeds:
             for method in args.curve_methods:
