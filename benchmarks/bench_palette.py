@@ -22,7 +22,8 @@
 
 `--pair` sets the defaults of the other options for that pair (the Qwen ones fit a CPU run of about 90 minutes);
 any option given on the command line wins. `--eval-every N` also measures every stitch every N steps of each run
-(quality against training tokens), and `--per-stitch-kinds` limits the per-stitch LoRA to some kinds of stitch.
+(quality against training tokens), and `--per-stitch-kinds` limits the per-stitch LoRA to some kinds of stitch, or
+to named ones.
 
 Results go to `<out>/results.json` after every run, so a stopped run keeps what it finished; `--report` writes
 `<out>/report.md` (means and spread over seeds) from them.
@@ -205,7 +206,8 @@ def run_method(name: str, seed: int, data: dict, args, skip: set[int] = frozense
     if name == PER_STITCH:  # each chosen stitch alone, with the whole step budget of a palette run
         rows = []
         for row in data["untuned"]:
-            if (args.per_stitch_kinds and row["kind"] not in args.per_stitch_kinds) or row["stitch"] in skip:
+            wanted = not args.per_stitch_kinds or {row["kind"], row["name"]} & set(args.per_stitch_kinds)
+            if not wanted or row["stitch"] in skip:
                 continue
             k = row["stitch"]
             overrides = dict(METHODS[args.per_stitch_as], train_stitches=str(k))
@@ -395,7 +397,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--per-stitch-seeds", nargs="+", type=int, default=[0])
     p.add_argument("--per-stitch-as", choices=list(METHODS), default="esta-uniform", help="recipe of that baseline")
-    p.add_argument("--per-stitch-kinds", nargs="*", default=[], help="e.g. 'small anchor' 'layer skip' (default all)")
+    p.add_argument(
+        "--per-stitch-kinds", nargs="*", default=[], help="kinds or names, e.g. 'small anchor' '(3, 5)' (default all)"
+    )
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--eval-batch-size", type=int, default=8)
