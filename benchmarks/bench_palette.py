@@ -23,7 +23,8 @@
 `--pair` sets the defaults of the other options for that pair (the Qwen ones fit a CPU run of about 90 minutes);
 any option given on the command line wins. `--eval-every N` also measures every stitch every N steps of each run
 (quality against training tokens), and `--per-stitch-kinds` limits the per-stitch LoRA to some kinds of stitch, or
-to named ones.
+to named ones. `--stitches` trains a palette given by hand instead of the search's (e.g. the large anchor with
+more layers dropped than the search considers, as a baseline).
 
 Results go to `<out>/results.json` after every run, so a stopped run keeps what it finished; `--report` writes
 `<out>/report.md` (means and spread over seeds) from them.
@@ -240,7 +241,8 @@ def search(data: dict, args) -> dict:
     """Fit the candidates, keep the best per budget, and save that palette for every run to reload."""
     from transformers import AutoModelForCausalLM
 
-    from stitched_llama import StitchedLlamaConfig
+    from stitched_llama import StitchedLlamaConfig, StitchedLlamaForCausalLM
+    from stitched_llama.evaluation import evaluate_palette
     from stitched_llama.search import candidate_stitches, format_search_table, layer_skip_blocks, search_palette
 
     small = AutoModelForCausalLM.from_pretrained(args.small, dtype=torch.float32).eval()
@@ -249,17 +251,22 @@ def search(data: dict, args) -> dict:
     blocks_ = layer_skip_blocks(large, calibration, block_sizes=args.skip_sizes, batch_size=args.eval_batch_size)
     config = StitchedLlamaConfig(small_config=small.config, large_config=large.config)
     candidates = candidate_stitches(config, blocks_, spread=args.spread, every=args.every)
-    log(f"search: skip blocks {blocks_}, {len(candidates)} candidates")
-    t0 = time.perf_counter()
-    palette, rows = search_palette(
-        small,
-        large,
-        candidates,
-        calibration,
-        data["validation"],
-        num_budgets=args.budgets,
-        evaluate_kwargs={"progress": False, "batch_size": args.eval_batch_size},
+    log(
+        f"search: skip blocks {blocks_}, "
+        + (f"stitches given: {args.stitches}" if args.stitches else f"{len(candidates)} candidates")
     )
+    t0 = time.perf_counter()
+    evaluate_kwargs = {"progress": False, "batch_size": args.eval_batch_size}
+    if args.stitches:  # a palette given by hand: fitted and measured like the search's, every stitch kept
+        palette = StitchedLlamaForCausalLM.from_anchors(
+            small, large, stitches=args.stitches, calibration=calibration, share_stitch_layers=False
+        )
+        rows = [row | {"kept": True} for row in evaluate_palette(palette, data["validation"], **evaluate_kwargs)]
+        candidates = args.stitches
+    else:
+        palette, rows = search_palette(
+            small, large, candidates, calibration, data["validation"], args.budgets, evaluate_kwargs=evaluate_kwargs
+        )
     log(f"search: {len(candidates)} candidates in {time.perf_counter() - t0:.0f} s\n{format_search_table(rows)}")
     palette.save_pretrained(args.work / "searched")
     return {
@@ -385,6 +392,16 @@ def plot_tokens(results: dict, path: Path) -> None:
     figure.savefig(path, dpi=120)
 
 
+def stitch_spec(text: str) -> tuple[int, ...]:
+    """`--stitches` values: 'n,j' or 'n,j,a,b', with or without the parentheses of a stitch's name."""
+    try:
+        return tuple(int(x) for x in text.strip("() ").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a stitch: write 'n,j' or 'n,j,a,b', e.g. '0,0,3,7'"
+        ) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pair", choices=sorted(PAIRS), default="family", help="the anchors, and the defaults below")
@@ -409,6 +426,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--budgets", type=int)
     p.add_argument("--skip-sizes", nargs="+", type=int, help="sizes of the layer blocks the search may skip")
+    p.add_argument(
+        "--stitches",
+        nargs="+",
+        type=stitch_spec,
+        help="train these stitches instead of searching, e.g. '4,8' '0,0,3,7' (the large anchor, layers 3-6 skipped)",
+    )
     p.add_argument("--every", type=int, help="search every k-th of SN-Net's stitches")
     p.add_argument("--spread", type=int, help="and their neighbours n +- spread")
     p.add_argument("--train-chars", type=int, default=1_000_000)

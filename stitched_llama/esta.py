@@ -177,8 +177,8 @@ def save_esta_adapter(model: PeftModel, save_directory: str | os.PathLike) -> No
     palette.config.save_pretrained(save_directory)
     info = {"small": palette.small.config.name_or_path, "large": palette.large.config.name_or_path}
     # Whether the stitching layers' own weights train (`train_stitch_layers`), so that a trainable reload does too.
-    own_weights = [p for n, p in palette.stitch_layers.named_parameters() if n.count(".") == 1 and "lora_" not in n]
-    info["train_stitch_layers"] = any(p.requires_grad for p in own_weights)
+    # A LoRA-wrapped layer's `.weight` is its frozen base layer's.
+    info["train_stitch_layers"] = any(layer.weight.requires_grad for layer in palette.stitch_layers.values())
     with open(os.path.join(save_directory, _ADAPTER_INFO), "w") as f:
         json.dump(info, f, indent=2)
 

@@ -181,12 +181,21 @@ def test_train_stitch_layers_trains_their_own_weights_instead_of_a_lora(tmp_path
                 assert torch.allclose(reloaded(input_ids=X, stitch=k).logits, expected[k], atol=1e-6)
 
 
-def test_default_keeps_the_stitching_layers_own_weights_frozen():
-    palette, _ = build_palette("llama")
-    prepare_esta(palette)
-    frozen = {
-        n: p
-        for n, p in palette.stitch_layers.named_parameters()
-        if n.endswith(("base_layer.weight", "base_layer.bias"))
-    }
-    assert frozen and not any(p.requires_grad for p in frozen.values())
+def test_default_keeps_the_stitching_layers_own_weights_frozen(tmp_path):
+    import copy
+
+    palette, anchors = build_palette("llama")
+    anchors = copy.deepcopy(anchors)
+    model = prepare_esta(palette)
+
+    def frozen_weights(palette):
+        names = ("base_layer.weight", "base_layer.bias")
+        return {n: p for n, p in palette.stitch_layers.named_parameters() if n.endswith(names)}
+
+    assert frozen_weights(palette) and not any(p.requires_grad for p in frozen_weights(palette).values())
+    # a trainable reload trains their LoRA again, not the weights under it
+    save_esta_adapter(model, tmp_path)
+    reloaded = unwrap_palette(load_esta_adapter(tmp_path, *anchors, is_trainable=True))
+    again = frozen_weights(reloaded)
+    assert again and not any(p.requires_grad for p in again.values())
+    assert any(p.requires_grad for n, p in reloaded.stitch_layers.named_parameters() if "lora_" in n)
