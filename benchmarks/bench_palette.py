@@ -24,7 +24,8 @@
 any option given on the command line wins. `--eval-every N` also measures every stitch every N steps of each run
 (quality against training tokens), and `--per-stitch-kinds` limits the per-stitch LoRA to some kinds of stitch, or
 to named ones. `--stitches` trains a palette given by hand instead of the search's (e.g. the large anchor with
-more layers dropped than the search considers, as a baseline).
+more layers dropped than the search considers, as a baseline), and `--train-stitches` makes the palette methods train
+only some of its stitches (e.g. `hybrid`: the others are measured, not sampled).
 
 Results go to `<out>/results.json` after every run, so a stopped run keeps what it finished; `--report` writes
 `<out>/report.md` (means and spread over seeds) from them.
@@ -201,14 +202,18 @@ def train_and_evaluate(
     return rows, points
 
 
+def picked(row: dict, wanted: list[str]) -> bool:
+    """Whether a stitch's row matches one of `wanted` kinds or names (all rows for an empty list)."""
+    return not wanted or bool({row["kind"], row["name"]} & set(wanted))
+
+
 def run_method(name: str, seed: int, data: dict, args, skip: set[int] = frozenset()) -> dict:
     t0 = time.perf_counter()
     points: list[dict] = []
     if name == PER_STITCH:  # each chosen stitch alone, with the whole step budget of a palette run
         rows = []
         for row in data["untuned"]:
-            wanted = not args.per_stitch_kinds or {row["kind"], row["name"]} & set(args.per_stitch_kinds)
-            if not wanted or row["stitch"] in skip:
+            if not picked(row, args.per_stitch_kinds) or row["stitch"] in skip:
                 continue
             k = row["stitch"]
             overrides = dict(METHODS[args.per_stitch_as], train_stitches=str(k))
@@ -219,6 +224,10 @@ def run_method(name: str, seed: int, data: dict, args, skip: set[int] = frozense
         overrides = dict(METHODS[name])
         if name == "snnet-full":
             overrides["learning_rate"] = args.full_learning_rate
+        if args.train_stitches:
+            overrides["train_stitches"] = ",".join(
+                str(row["stitch"]) for row in data["untuned"] if picked(row, args.train_stitches)
+            )
         rows, points = train_and_evaluate(
             f"{name} seed {seed}", seed, args.steps, data, args, args.eval_every, **overrides
         )
@@ -416,6 +425,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--per-stitch-as", choices=list(METHODS), default="esta-uniform", help="recipe of that baseline")
     p.add_argument(
         "--per-stitch-kinds", nargs="*", default=[], help="kinds or names, e.g. 'small anchor' '(3, 5)' (default all)"
+    )
+    p.add_argument(
+        "--train-stitches", nargs="*", default=[], help="the palette methods train only these kinds or names"
     )
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)
