@@ -225,9 +225,11 @@ def run_method(name: str, seed: int, data: dict, args, skip: set[int] = frozense
         if name == "snnet-full":
             overrides["learning_rate"] = args.full_learning_rate
         if args.train_stitches:
-            overrides["train_stitches"] = ",".join(
-                str(row["stitch"]) for row in data["untuned"] if picked(row, args.train_stitches)
-            )
+            chosen = [str(row["stitch"]) for row in data["untuned"] if picked(row, args.train_stitches)]
+            if not chosen:
+                names = ", ".join(f"{row['name']} ({row['kind']})" for row in data["untuned"])
+                raise SystemExit(f"--train-stitches {args.train_stitches} matches no stitch of this palette: {names}")
+            overrides["train_stitches"] = ",".join(chosen)
         rows, points = train_and_evaluate(
             f"{name} seed {seed}", seed, args.steps, data, args, args.eval_every, **overrides
         )
