@@ -259,13 +259,13 @@ def search(data: dict, args) -> dict:
     small = AutoModelForCausalLM.from_pretrained(args.small, dtype=torch.float32).eval()
     large = AutoModelForCausalLM.from_pretrained(args.large, dtype=torch.float32).eval()
     calibration = data["calibration"]
-    blocks_ = layer_skip_blocks(large, calibration, block_sizes=args.skip_sizes, batch_size=args.eval_batch_size)
-    config = StitchedLlamaConfig(small_config=small.config, large_config=large.config)
-    candidates = candidate_stitches(config, blocks_, spread=args.spread, every=args.every)
-    log(
-        f"search: skip blocks {blocks_}, "
-        + (f"stitches given: {args.stitches}" if args.stitches else f"{len(candidates)} candidates")
-    )
+    if args.stitches:  # a palette given by hand: no blocks to measure, no candidates to choose from
+        blocks_, candidates = [], args.stitches
+    else:
+        blocks_ = layer_skip_blocks(large, calibration, block_sizes=args.skip_sizes, batch_size=args.eval_batch_size)
+        config = StitchedLlamaConfig(small_config=small.config, large_config=large.config)
+        candidates = candidate_stitches(config, blocks_, spread=args.spread, every=args.every)
+    log(f"search: skip blocks {blocks_}, {len(candidates)} candidates")
     t0 = time.perf_counter()
     evaluate_kwargs = {"progress": False, "batch_size": args.eval_batch_size}
     if args.stitches:  # a palette given by hand: fitted and measured like the search's, every stitch kept
@@ -273,7 +273,6 @@ def search(data: dict, args) -> dict:
             small, large, stitches=args.stitches, calibration=calibration, share_stitch_layers=False
         )
         rows = [row | {"kept": True} for row in evaluate_palette(palette, data["validation"], **evaluate_kwargs)]
-        candidates = args.stitches
     else:
         palette, rows = search_palette(
             small, large, candidates, calibration, data["validation"], args.budgets, evaluate_kwargs=evaluate_kwargs
