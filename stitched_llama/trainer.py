@@ -44,9 +44,10 @@ REPORT = "esta_report.json"
 SAMPLINGS = ("importance", "uniform", "loss-gap")
 
 
-@dataclass
-class StitchTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus how stitches are sampled, adapted and deployed."""
+@dataclass(kw_only=True)
+class StitchArguments:
+    """How stitches are sampled, adapted and deployed: the options `StitchTrainingArguments` adds to
+    `TrainingArguments`. Keyword-only, so `StitchTrainingArguments("out")` still means `output_dir="out"`."""
 
     method: str = field(
         default="esta",
@@ -155,6 +156,16 @@ class StitchTrainingArguments(TrainingArguments):
             "visit (needs distill_top_k), so later epochs skip the teacher's forward pass."
         },
     )
+
+
+# `StitchArguments` is the last base, so its fields come first in `dataclasses.fields()`: `HfArgumentParser` lists
+# our options before the ~100 of `TrainingArguments`.
+@dataclass
+class StitchTrainingArguments(TrainingArguments, StitchArguments):
+    """`TrainingArguments` plus how stitches are sampled, adapted and deployed (`StitchArguments`)."""
+
+    _argument_group_name = "training: the stitch options, then every TrainingArguments flag"  # HfArgumentParser's
+
     prediction_loss_only: bool = field(
         default=True, metadata={"help": "Evaluation keeps only the loss (per-stitch logits would not fit in memory)."}
     )
@@ -740,6 +751,7 @@ def _write_json_atomically(path: str, data: dict) -> None:
 
 
 __all__ = [
+    "StitchArguments",
     "StitchTrainer",
     "StitchTrainerMixin",
     "StitchTrainingArguments",

@@ -1,5 +1,6 @@
 """StitchTrainer on tiny anchors: what trains, what stays frozen, sampling, exact resume, deployment."""
 
+import inspect
 import json
 import os
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from conftest import VOCAB, build_palette, record_stitches
 from datasets import Dataset
-from transformers import TrainerCallback, default_data_collator
+from transformers import TrainerCallback, TrainingArguments, default_data_collator
 from transformers.trainer_utils import get_last_checkpoint
 
 from stitched_llama.modeling_stitched_llama import stitch_of_bias
@@ -227,6 +228,15 @@ def test_sampler_state_round_trip_and_errors():
         StitchSampler(3, eps=2)
     with pytest.raises(ValueError, match="Unknown method"):
         StitchTrainingArguments(output_dir="x", method="full", report_to=[])
+
+
+def test_training_arguments_keep_transformers_positional_order():
+    # Our options are keyword-only: the first positional argument is still TrainingArguments' output_dir.
+    args = StitchTrainingArguments("run-dir", report_to=[], sampling="uniform")
+    assert (args.output_dir, args.sampling, args.method) == ("run-dir", "uniform", "esta")
+    ours = inspect.signature(StitchTrainingArguments).parameters.values()
+    positional = [p.name for p in ours if p.kind is p.POSITIONAL_OR_KEYWORD]
+    assert positional == list(inspect.signature(TrainingArguments).parameters)
 
 
 def test_deployment_picks_the_most_important_per_cost_interval():

@@ -11,7 +11,6 @@ import argparse
 import copy
 import dataclasses
 import re
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +30,13 @@ plain text with --text FILE... (every token scored). Distil from the frozen larg
 The data and stitch options come first below; then every TrainingArguments flag (--max-steps, --learning-rate,
 --save-steps, --resume-from-checkpoint last, --use-cpu, --bf16, ...). Each flag also takes the underscore spelling
 of transformers' scripts (--output_dir)."""
-TRANSFORMERS_GROUP = "Transformers TrainingArguments"
 
 
 @dataclasses.dataclass
 class TrainDataArguments:
     """The `train` command's own options (the rest are `StitchTrainingArguments`)."""
+
+    _argument_group_name = "data"  # HfArgumentParser's help group
 
     train_file: str = dataclasses.field(
         default=None,
@@ -80,38 +80,13 @@ class _DashHelpFormatter(argparse.RawDescriptionHelpFormatter):
         return super()._format_action_invocation(action)
 
 
-def _option_groups(dtype: type) -> list[tuple[str, list[dataclasses.Field]]]:
-    """The fields of `dtype` by --help group: ours first, then those inherited from `TrainingArguments`."""
-    from transformers import TrainingArguments
-
-    inherited = {f.name for f in dataclasses.fields(TrainingArguments)}
-    fields = [f for f in dataclasses.fields(dtype) if f.init]
-    if dtype is TrainDataArguments:
-        return [("data", fields)]
-    return [
-        ("stitches: sampling, adaptation, distillation, deployment", [f for f in fields if f.name not in inherited]),
-        (TRANSFORMERS_GROUP, [f for f in fields if f.name in inherited]),
-    ]
-
-
 def train_parser() -> Any:
     """The real parser of `train`: `TrainDataArguments`, `StitchTrainingArguments` and PALETTE_DIR."""
     from transformers import HfArgumentParser
 
     from ..trainer import StitchTrainingArguments
 
-    class Parser(HfArgumentParser):
-        # HfArgumentParser puts all fields of a dataclass in one group, inherited ones first, so ours would come
-        # after ~100 TrainingArguments flags; this adds them group by group instead (same options, same parsing).
-        def _add_dataclass_arguments(self, dtype: type) -> None:
-            hints = typing.get_type_hints(dtype)
-            for title, fields in _option_groups(dtype):
-                group = self.add_argument_group(title)
-                for field in fields:
-                    field.type = hints[field.name]
-                    self._parse_dataclass_field(group, field)
-
-    parser = Parser(
+    parser = HfArgumentParser(
         (TrainDataArguments, StitchTrainingArguments),
         prog="stitched-llama train",
         usage=USAGE,
