@@ -310,6 +310,7 @@ class StitchTrainerMixin:
         self._score_share: torch.Tensor | None = None
         self._step_scores: list[torch.Tensor] = []
         self._deployed = False
+        self._changed_untrained: list[int] = []  # deployed, never trained, but sharing updated weights
         self.last_eval_metrics: dict[str, float] = {}
         self.teacher_cache = TeacherCache(args.distill_top_k) if args.distill_cache and args.distill_alpha > 0 else None
         if args.distill_alpha > 0 and getattr(self.palette, "esta_method", None) == "snnet-full":
@@ -612,8 +613,32 @@ class StitchTrainerMixin:
         chosen = select_stitches_to_deploy([c.flops_per_token for c in costs], scores, self.args.num_deployed_stitches)
         config.deployed_stitches = chosen
         self._deployed = True
+        self._changed_untrained = changed = self._untrained_but_changed(chosen)
+        if changed:
+            logger.warning(
+                f"Deployed stitches {changed} were never trained (train_stitches={self.args.train_stitches}), but "
+                "they run weights that the trained stitches updated (the shared LoRA), so their quality changed "
+                "without being measured: evaluate them (eval_stitches='all') before serving them, or remove them "
+                "from palette.config.deployed_stitches."
+            )
         self._write_deployment_report()
         return chosen
+
+    def _untrained_but_changed(self, stitches: list[int]) -> list[int]:
+        """Those of `stitches` that no step trained but that run a trainable weight some trained stitch runs."""
+        counts = self.sampler.counts
+        trained = [k for k, visits in enumerate(counts) if visits > 0]
+        prefixes = {k: tuple(p + "." for p in self.palette.stitch_module_prefixes(k)) for k in {*trained, *stitches}}
+        updated = [
+            name
+            for name, param in self.palette.named_parameters()
+            if param.requires_grad and any(self.palette.runs_parameter(name, t, prefixes[t]) for t in trained)
+        ]
+        return [
+            k
+            for k in stitches
+            if counts[k] == 0 and any(self.palette.runs_parameter(name, k, prefixes[k]) for name in updated)
+        ]
 
     def _write_deployment_report(self) -> None:
         """Importance and eval metrics into the palette's report, and `esta_report.json` for the deployment."""
@@ -657,6 +682,7 @@ class StitchTrainerMixin:
                 "method": self.args.method,
                 "sampling": self.sampler.mode,
                 "deployed_stitches": chosen,
+                "deployed_untrained_but_changed": self._changed_untrained,
                 "trainable_parameters": trainable_parameters(self.model),
                 "stitches": rows,
             }

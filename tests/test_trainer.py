@@ -2,6 +2,7 @@
 
 import inspect
 import json
+import logging
 import os
 
 import pytest
@@ -268,6 +269,36 @@ def test_train_stitches_trains_that_stitch_alone(tmp_path):
     assert trainer.sampler.counts == [0] * last + [5]
     with pytest.raises(ValueError, match=rf"'{last + 1}' is not a stitch index of this palette.*-{last + 1}..{last}"):
         make_trainer(tmp_path, train_stitches=f"0,{last + 1}")
+
+
+def test_deploying_untrained_stitches_that_share_the_trained_lora_warns(tmp_path, caplog):
+    from transformers.utils import logging as hf_logging
+
+    palette, _ = build_palette("llama")
+    last = palette.num_stitches - 1
+    hybrid = next(k for k, s in enumerate(palette.config.stitches) if 0 < k < last and not s[2:])
+    n, j = palette.config.stitches[hybrid][:2]
+    runs: dict[str, list[int]] = {}
+    hf_logging.enable_propagation()
+    try:
+        for trained in (str(last), str(hybrid)):
+            caplog.clear()
+            trainer = make_trainer(
+                tmp_path / trained, palette=build_palette("llama")[0], max_steps=2, train_stitches=trained
+            )
+            with caplog.at_level(logging.WARNING):
+                trainer.train()
+            report = json.loads((tmp_path / trained / "esta_report.json").read_text())
+            warned = [r.getMessage() for r in caplog.records if "were never trained" in r.getMessage()]
+            runs[trained] = report["deployed_untrained_but_changed"]
+            assert bool(warned) == bool(runs[trained]), (trained, warned)
+    finally:
+        hf_logging.disable_propagation()
+    # The large anchor alone: the small anchor runs none of its layers, so it is unchanged; the hybrids run its last
+    # layers, so they changed.
+    assert runs[str(last)] and 0 not in runs[str(last)] and last not in runs[str(last)], runs
+    # A hybrid: the small anchor runs its first small layers, the large anchor its last large layers.
+    assert 0 in runs[str(hybrid)] and last in runs[str(hybrid)], (n, j, runs)
 
 
 def sampler_entry(checkpoint):
