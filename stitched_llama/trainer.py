@@ -164,7 +164,8 @@ class StitchArguments:
 class StitchTrainingArguments(TrainingArguments, StitchArguments):
     """`TrainingArguments` plus how stitches are sampled, adapted and deployed (`StitchArguments`)."""
 
-    _argument_group_name = "training: the stitch options, then every TrainingArguments flag"  # HfArgumentParser's
+    # The help group HfArgumentParser puts these options in (its documented hook for argument groups).
+    _argument_group_name = "training: the stitch options, then every TrainingArguments flag"
 
     prediction_loss_only: bool = field(
         default=True, metadata={"help": "Evaluation keeps only the loss (per-stitch logits would not fit in memory)."}
@@ -616,7 +617,7 @@ class StitchTrainerMixin:
         self._changed_untrained = changed = self._untrained_but_changed(chosen)
         if changed:
             logger.warning(
-                f"Deployed stitches {changed} were never trained (train_stitches={self.args.train_stitches}), but "
+                f"Deployed stitches {changed} were never trained (no step sampled them), but "
                 "they run weights that the trained stitches updated (the shared LoRA), so their quality changed "
                 "without being measured: evaluate them (eval_stitches='all') before serving them, or remove them "
                 "from palette.config.deployed_stitches."
