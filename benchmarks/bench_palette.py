@@ -152,7 +152,10 @@ def training_args(out: Path, seed: int, steps: int, args, **overrides):
     from stitched_llama.demo import healing_arguments
 
     learning_rate = overrides.pop("learning_rate", args.learning_rate)
-    return healing_arguments(out, steps, learning_rate, seed, args.batch_size, lora_r=args.lora_r, **overrides)
+    # alpha = 2r keeps LoRA's scale (alpha / r) at the default 16 / 8 for every rank, so a larger rank adds capacity
+    # without also changing the step size.
+    lora = dict(lora_r=args.lora_r, lora_alpha=2 * args.lora_r)
+    return healing_arguments(out, steps, learning_rate, seed, args.batch_size, **lora, **overrides)
 
 
 def fresh_palette(args):
@@ -436,7 +439,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--block", type=int, default=256)
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--full-learning-rate", type=float, default=3e-4)
-    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank; alpha is 2r, so the scale stays 2")
     p.add_argument("--budgets", type=int)
     p.add_argument("--skip-sizes", nargs="+", type=int, help="sizes of the layer blocks the search may skip")
     p.add_argument(
