@@ -152,8 +152,8 @@ def training_args(out: Path, seed: int, steps: int, args, **overrides):
     from stitched_llama.demo import healing_arguments
 
     learning_rate = overrides.pop("learning_rate", args.learning_rate)
-    # alpha = 2r keeps LoRA's scale (alpha / r) at the default 16 / 8 for every rank, so a larger rank adds capacity
-    # without also changing the step size.
+    # alpha = 2r keeps LoRA's scale (alpha / r) at the default 16 / 8 for every rank, so runs of different ranks
+    # differ only in the rank (which still changes how far one step moves the adapted weights).
     lora = dict(lora_r=args.lora_r, lora_alpha=2 * args.lora_r)
     return healing_arguments(out, steps, learning_rate, seed, args.batch_size, **lora, **overrides)
 
