@@ -152,9 +152,7 @@ def training_args(out: Path, seed: int, steps: int, args, **overrides):
     from stitched_llama.demo import healing_arguments
 
     learning_rate = overrides.pop("learning_rate", args.learning_rate)
-    # alpha = 2r keeps LoRA's scale (alpha / r) at the default 16 / 8 for every rank, so runs of different ranks
-    # differ only in the rank (which still changes how far one step moves the adapted weights).
-    lora = dict(lora_r=args.lora_r, lora_alpha=2 * args.lora_r)
+    lora = dict(lora_r=args.lora_r, lora_alpha=args.lora_alpha)
     return healing_arguments(out, steps, learning_rate, seed, args.batch_size, **lora, **overrides)
 
 
@@ -472,6 +470,9 @@ def main(argv: list[str] | None = None) -> None:
     p.set_defaults(**PAIRS[pair])
     args = p.parse_args(argv)
     args.out = Path(args.out)
+    # alpha = 2r keeps LoRA's scale (alpha / r) at the default 16 / 8 for every rank, so runs of different ranks
+    # differ only in the rank (which still changes how far one step moves the adapted weights).
+    args.lora_alpha = 2 * args.lora_r
     if args.report:
         report(args.out)
         return
