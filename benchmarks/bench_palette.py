@@ -437,7 +437,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--block", type=int, default=256)
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--full-learning-rate", type=float, default=3e-4)
-    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank; alpha is 2r, so the scale stays 2")
+    p.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    p.add_argument("--lora-alpha", type=int, help="LoRA alpha (default 2r, so the scale alpha / r stays 2)")
     p.add_argument("--budgets", type=int)
     p.add_argument("--skip-sizes", nargs="+", type=int, help="sizes of the layer blocks the search may skip")
     p.add_argument(
@@ -472,7 +473,8 @@ def main(argv: list[str] | None = None) -> None:
     args.out = Path(args.out)
     # alpha = 2r keeps LoRA's scale (alpha / r) at the default 16 / 8 for every rank, so runs of different ranks
     # differ only in the rank (which still changes how far one step moves the adapted weights).
-    args.lora_alpha = 2 * args.lora_r
+    if args.lora_alpha is None:
+        args.lora_alpha = 2 * args.lora_r
     if args.report:
         report(args.out)
         return
