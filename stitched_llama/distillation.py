@@ -20,13 +20,18 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100  # the label value transformers' causal-LM losses skip
 
 
-def teacher_topk(logits: torch.Tensor, temperature: float, top_k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's log-probabilities at `temperature`, cut to its `top_k` tokens (all of them for None).
+def teacher_topk(
+    logits: torch.Tensor, temperature: float, top_k: int | None
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The teacher's log-probabilities at `temperature`, cut to its `top_k` tokens.
 
-    logits `[batch, seq, vocab]` -> (token ids `[batch, seq, k]`, log-probabilities `[batch, seq, k]`).
+    logits `[batch, seq, vocab]` -> (token ids `[batch, seq, k]`, log-probabilities `[batch, seq, k]`). With
+    `top_k=None` the ids are None and the log-probabilities cover the whole vocabulary in order, `[batch, seq, vocab]`.
     """
     logprobs = F.log_softmax(logits.float() / temperature, dim=-1)
-    if top_k is None or top_k >= logprobs.shape[-1]:
+    if top_k is None:
+        return None, logprobs
+    if top_k >= logprobs.shape[-1]:
         ids = torch.arange(logprobs.shape[-1], device=logits.device).expand_as(logprobs)
         return ids, logprobs
     values, ids = logprobs.topk(top_k, dim=-1)
@@ -35,7 +40,7 @@ def teacher_topk(logits: torch.Tensor, temperature: float, top_k: int | None) ->
 
 def distillation_loss(
     student_logits: torch.Tensor,
-    teacher_ids: torch.Tensor,
+    teacher_ids: torch.Tensor | None,
     teacher_logprobs: torch.Tensor,
     labels: torch.Tensor,
     temperature: float = 1.0,
@@ -44,14 +49,17 @@ def distillation_loss(
     """`T^2 * KL(teacher || student)` summed over the scored positions, divided as transformers' causal-LM loss
     divides its sum: by `num_items_in_batch` when given, else by the number of scored tokens.
 
-    student_logits `[batch, seq, vocab]`; teacher_ids, teacher_logprobs `[batch, seq, k]`; labels `[batch, seq]`.
+    student_logits `[batch, seq, vocab]`; teacher_ids, teacher_logprobs `[batch, seq, k]`, or None and
+    `[batch, seq, vocab]` for the whole vocabulary (`teacher_topk(..., top_k=None)`); labels `[batch, seq]`.
     Position `t` predicts label `t + 1`, as in the cross-entropy. A top-k teacher is renormalised over its k tokens.
     """
     scored = labels[:, 1:] != IGNORE_INDEX  # [batch, seq - 1]
-    student = F.log_softmax(student_logits[:, :-1].float() / temperature, dim=-1)
-    student = student.gather(-1, teacher_ids[:, :-1])  # [batch, seq - 1, k]
+    student = F.log_softmax(student_logits[:, :-1].float() / temperature, dim=-1)  # [batch, seq - 1, vocab]
     teacher = teacher_logprobs[:, :-1].float()
-    teacher = teacher - teacher.logsumexp(dim=-1, keepdim=True)
+    # The whole vocabulary (ids None) skips the gather and the renormalisation, which cost as much as the rest.
+    if teacher_ids is not None:
+        student = student.gather(-1, teacher_ids[:, :-1])  # [batch, seq - 1, k]
+        teacher = teacher - teacher.logsumexp(dim=-1, keepdim=True)
     kl = (teacher.exp() * (teacher - student)).sum(dim=-1)  # [batch, seq - 1]
     total = torch.where(scored, kl, torch.zeros_like(kl)).sum() * temperature**2
     return _per_item(total, scored, num_items_in_batch)

@@ -413,13 +413,14 @@ class StitchTrainerMixin:
 
     def _teacher(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The frozen large anchor's top-k (ids, log-probabilities), `[batch, seq, k]`, from the cache or a live pass,
-        and with `loss_gap_reference="teacher"` its cross-entropy on the labels (a live pass: the cache is refused)."""
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """The frozen large anchor's top-k (ids, log-probabilities), `[batch, seq, k]` (ids None for the whole
+        vocabulary: `teacher_topk`), from the cache or a live pass, and with `loss_gap_reference="teacher"` its
+        cross-entropy on the labels (a live pass: the cache is refused)."""
         peft_model = self.accelerator.unwrap_model(model)
         teacher_ce = None
 
-        def live() -> tuple[torch.Tensor, torch.Tensor]:
+        def live() -> tuple[torch.Tensor | None, torch.Tensor]:
             nonlocal teacher_ce
             adapters = peft_model.disable_adapter() if isinstance(peft_model, PeftModel) else contextlib.nullcontext()
             with torch.no_grad(), adapters, self.palette.disable_stitch_biases():
