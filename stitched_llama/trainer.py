@@ -620,8 +620,9 @@ class StitchTrainerMixin:
             logger.warning(
                 f"Deployed stitches {changed} were never trained (no step sampled them), but "
                 "they run weights that the trained stitches updated (the shared LoRA), so their quality changed "
-                "without being measured: evaluate them (eval_stitches='all') before serving them, or remove them "
-                "from palette.config.deployed_stitches."
+                "without being measured: evaluate them (eval_stitches='all') before serving them, serve them with "
+                "the adapter off (peft's `adapter_names=['__base__']` in forward or generate, unmerged), or remove "
+                "them from palette.config.deployed_stitches."
             )
         self._write_deployment_report()
         return chosen

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import VOCAB, build_palette, record_stitches
+from conftest import VOCAB, build_palette, prompt, record_stitches
 from datasets import Dataset
 from transformers import TrainerCallback, TrainingArguments, default_data_collator
 from transformers.trainer_utils import get_last_checkpoint
@@ -299,6 +299,30 @@ def test_deploying_untrained_stitches_that_share_the_trained_lora_warns(tmp_path
     assert runs[str(last)] and 0 not in runs[str(last)] and last not in runs[str(last)], runs
     # A hybrid: the small anchor runs its first small layers, the large anchor its last large layers.
     assert 0 in runs[str(hybrid)] and last in runs[str(hybrid)], (n, j, runs)
+
+
+def test_a_palette_trained_on_its_hybrids_serves_its_anchors_unchanged_with_the_adapter_off(tmp_path):
+    palette, (small, large) = build_palette("llama")
+    last = palette.num_stitches - 1
+    hybrids = ",".join(str(k) for k in range(1, last))
+    trainer = make_trainer(tmp_path, palette=palette, max_steps=4, train_stitches=hybrids)
+    trainer.train()
+    model = trainer.model.eval()
+    ids = prompt(batch=2)
+    with torch.no_grad():
+        for k, anchor in ((0, small), (last, large)):
+            expected = anchor(ids).logits
+            # The anchors run the LoRA the hybrids trained, so with the adapter on they changed ...
+            assert not torch.allclose(model(input_ids=ids, stitch=k).logits, expected, atol=1e-4), k
+            # ... and peft's per-row adapter choice (`__base__`: none) gives them back exactly: their own stitch
+            # biases were never trained. One row with the adapter, one without, in the same batch.
+            mixed = model(input_ids=ids, stitch=k, adapter_names=["__base__", "default"]).logits
+            torch.testing.assert_close(mixed[0], expected[0], rtol=0, atol=1e-6)
+            assert not torch.allclose(mixed[1], expected[1], atol=1e-4), k
+            served = model.generate(
+                input_ids=ids, stitch=k, adapter_names=["__base__"] * 2, max_new_tokens=6, do_sample=False
+            )
+            assert torch.equal(served, anchor.generate(input_ids=ids, max_new_tokens=6, do_sample=False)), k
 
 
 def sampler_entry(checkpoint):
