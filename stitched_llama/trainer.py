@@ -13,7 +13,6 @@ Checkpoints carry the sampler state (`StitchSamplerCallback`, in `trainer_state.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -27,9 +26,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainerState, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
+from .checkpoint import ManifestCallback, last_complete_checkpoint, verify_checkpoint, write_json_atomically
 from .distillation import TeacherCache, causal_lm_loss, distillation_loss, teacher_topk
 from .esta import METHODS, EstaConfig, prepare_esta, stitch_bias_norms, trainable_parameters, unwrap_palette
 from .modeling_stitched_llama import StitchedLlamaForCausalLM, check_finite, stitch_of_bias
@@ -38,7 +37,6 @@ from .sampler import StitchSampler, StitchSamplerCallback, select_stitches_to_de
 logger = logging.get_logger(__name__)
 
 SAMPLER_STATE = "stitch_sampler.json"  # where checkpoints written before `StitchSamplerCallback` kept the sampler
-MANIFEST = "stitch_manifest.json"
 TRAINABLE_EXTRAS = "stitch_trainable.safetensors"
 REPORT = "esta_report.json"
 SAMPLINGS = ("importance", "uniform", "loss-gap")
@@ -317,7 +315,7 @@ class StitchTrainerMixin:
         if args.distill_alpha > 0 and getattr(self.palette, "esta_method", None) == "snnet-full":
             raise ValueError("distill_alpha > 0 needs frozen anchors, and this model trains them (snnet-full).")
         self.add_callback(_SaliencyCallback(self))
-        self.add_callback(_ManifestCallback())
+        self.add_callback(ManifestCallback())
         report = trainable_parameters(self.model)
         logger.info(
             f"Trainable parameters: {report['trainable']:,} of {report['total']:,} ({report['trainable_percent']:.3f}%)"
@@ -690,78 +688,7 @@ class StitchTrainerMixin:
                 "stitches": rows,
             }
             os.makedirs(self.args.output_dir, exist_ok=True)
-            _write_json_atomically(os.path.join(self.args.output_dir, REPORT), report)
-
-
-class _ManifestCallback(TrainerCallback):
-    """Writes a checkpoint's manifest once `Trainer` has written all of it: the mark of a complete checkpoint."""
-
-    def on_save(self, args, state, control, **kwargs):
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if args.should_save and os.path.isdir(folder):
-            write_manifest(folder)
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _files(folder: str) -> list[str]:
-    found = []
-    for root, _, names in os.walk(folder):
-        found += [os.path.relpath(os.path.join(root, name), folder) for name in names]
-    return sorted(name for name in found if name != MANIFEST)
-
-
-def write_manifest(folder: str) -> None:
-    """Record the size and SHA-256 of every file of `folder` in `folder/stitch_manifest.json`, written last."""
-    files = {
-        name: {"size": os.path.getsize(os.path.join(folder, name)), "sha256": _sha256(os.path.join(folder, name))}
-        for name in _files(folder)
-    }
-    _write_json_atomically(os.path.join(folder, MANIFEST), {"files": files})
-
-
-def verify_checkpoint(folder: str) -> str | None:
-    """None when every file of `folder`'s manifest is there with its size and checksum, else what is wrong."""
-    try:
-        with open(os.path.join(folder, MANIFEST)) as f:
-            files = json.load(f)["files"]
-    except (OSError, ValueError, KeyError) as error:
-        return f"it has no readable {MANIFEST} ({type(error).__name__}), so it was not finished"
-    for name, expected in files.items():
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            return f"{name} is missing"
-        if os.path.getsize(path) != expected["size"] or _sha256(path) != expected["sha256"]:
-            return f"{name} does not match its checksum (truncated or changed after saving)"
-    return None
-
-
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The newest checkpoint of `output_dir` whose files all match its manifest; damaged or unfinished ones are
-    skipped with a warning. Without damage it is `transformers.trainer_utils.get_last_checkpoint(output_dir)`."""
-    if not os.path.isdir(output_dir):
-        return None
-    # `get_last_checkpoint` only returns the newest, and skipping a damaged one needs the next: list the folders by
-    # its rule (`checkpoint-<step>`, folders only, by step) with the public prefix, not its private regex.
-    steps = []
-    for name in os.listdir(output_dir):
-        prefix, _, step = name.rpartition("-")
-        if prefix == PREFIX_CHECKPOINT_DIR and step.isdecimal():  # what its `\d+` matches
-            if os.path.isdir(os.path.join(output_dir, name)):
-                steps.append((int(step), name))
-    for _, name in sorted(steps, reverse=True):
-        folder = os.path.join(output_dir, name)
-        problem = verify_checkpoint(folder)
-        if problem is None:
-            return folder
-        logger.warning(f"Skipping checkpoint {folder}: {problem}.")
-    return None
+            write_json_atomically(os.path.join(self.args.output_dir, REPORT), report)
 
 
 class StitchTrainer(StitchTrainerMixin, Trainer):
@@ -770,13 +697,6 @@ class StitchTrainer(StitchTrainerMixin, Trainer):
     `model` may be a bare palette (it is then prepared with `args.method`, see `prepare_esta`) or a model already
     returned by `prepare_esta`.
     """
-
-
-def _write_json_atomically(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
 
 
 __all__ = [

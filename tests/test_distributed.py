@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 
-from stitched_llama.trainer import MANIFEST, TRAINABLE_EXTRAS, last_complete_checkpoint
+from stitched_llama.checkpoint import MANIFEST, last_complete_checkpoint
+from stitched_llama.trainer import TRAINABLE_EXTRAS
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "distributed_worker.py"

@@ -17,7 +17,7 @@ from test_trainer import make_trainer
 from transformers import TrainerCallback
 
 from stitched_llama import StitchedLlamaForCausalLM
-from stitched_llama.trainer import last_complete_checkpoint, verify_checkpoint
+from stitched_llama.checkpoint import last_complete_checkpoint, verify_checkpoint
 
 HERE = Path(__file__).resolve().parent
 

@@ -12,16 +12,10 @@ from datasets import Dataset
 from transformers import TrainerCallback, TrainingArguments, default_data_collator
 from transformers.trainer_utils import get_last_checkpoint
 
+from stitched_llama.checkpoint import last_complete_checkpoint, write_manifest
 from stitched_llama.modeling_stitched_llama import stitch_of_bias
 from stitched_llama.sampler import StitchSampler, StitchSamplerCallback, select_stitches_to_deploy
-from stitched_llama.trainer import (
-    REPORT,
-    SAMPLER_STATE,
-    StitchTrainer,
-    StitchTrainingArguments,
-    last_complete_checkpoint,
-    write_manifest,
-)
+from stitched_llama.trainer import REPORT, SAMPLER_STATE, StitchTrainer, StitchTrainingArguments
 
 
 def dataset(n=48, length=12, seed=0):
