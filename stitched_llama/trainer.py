@@ -619,7 +619,7 @@ class StitchTrainerMixin:
                 f"Deployed stitches {changed} were never trained (no step sampled them), but "
                 "they run weights that the trained stitches updated (the shared LoRA), so their quality changed "
                 "without being measured: evaluate them (eval_stitches='all') before serving them, serve them with "
-                "the adapter off (peft's `adapter_names=['__base__']` in forward or generate, unmerged), or remove "
+                "the LoRA off if it is all they share (peft's `adapter_names=['__base__']`, unmerged), or remove "
                 "them from palette.config.deployed_stitches."
             )
         self._write_deployment_report()
