@@ -231,6 +231,12 @@ def run_method(name: str, seed: int, data: dict, args, skip: set[int] = frozense
                 names = ", ".join(f"{row['name']} ({row['kind']})" for row in data["untuned"])
                 raise SystemExit(f"--train-stitches {args.train_stitches} matches no stitch of this palette: {names}")
             overrides["train_stitches"] = ",".join(chosen)
+        if args.stitch_weights:
+            if len(args.stitch_weights) != len(chosen if args.train_stitches else data["untuned"]):
+                raise SystemExit(
+                    f"--stitch-weights {args.stitch_weights}: give one share per stitch trained, in palette order"
+                )
+            overrides["stitch_weights"] = ",".join(map(str, args.stitch_weights))
         rows, points = train_and_evaluate(
             f"{name} seed {seed}", seed, args.steps, data, args, args.eval_every, **overrides
         )
@@ -430,6 +436,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--train-stitches", nargs="*", default=[], help="the palette methods train only these kinds or names"
+    )
+    p.add_argument(
+        "--stitch-weights",
+        nargs="+",
+        type=float,
+        help="uniform sampling's share of the steps for each stitch --train-stitches matches, in palette order",
     )
     p.add_argument("--steps", type=int)
     p.add_argument("--batch-size", type=int)

@@ -1,4 +1,5 @@
-"""Which stitch to train at each optimizer step: uniform, or importance sampling from SNIP saliency.
+"""Which stitch to train at each optimizer step: uniform (optionally with a share per stitch: `weights`), or
+importance sampling from SNIP saliency.
 
 Importance of stitch `s` (docs/training.md): after the gradients of a step that trained `s` are complete,
 `q = mean over the trainable parameters s used of |theta * grad|`, kept as an exponential moving average `I(s)`.
@@ -43,6 +44,7 @@ class StitchSampler:
         costs: Sequence[float] | None = None,
         stitches: Sequence[int] | None = None,
         keep_frontier: bool = False,
+        weights: Sequence[float] | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"Unknown sampling mode {mode!r}: use one of {', '.join(MODES)}.")
@@ -59,6 +61,19 @@ class StitchSampler:
             raise ValueError(
                 f"stitches={stitches} must be a non-empty list of stitch indices in 0..{num_stitches - 1}."
             )
+        if weights is not None:
+            if mode != "uniform":
+                raise ValueError(
+                    f"weights set the shares of uniform sampling, but mode={mode!r} learns them: use "
+                    "mode='uniform' or leave weights out."
+                )
+            if len(weights) != num_stitches or not all(math.isfinite(w) and w >= 0 for w in weights):
+                raise ValueError(f"weights={list(weights)} must be {num_stitches} finite shares >= 0, one per stitch.")
+            if not all(weights[k] > 0 for k in stitches):
+                raise ValueError(
+                    f"weights={list(weights)} give no share to a trained stitch of {stitches}: give it a positive "
+                    "share, or leave it out of the stitches trained."
+                )
         self.num_stitches = num_stitches
         self.stitches = stitches  # the stitches that are trained; the others are never drawn
         self.mode = mode
@@ -66,6 +81,7 @@ class StitchSampler:
         self.temperature = temperature
         self.eps = eps
         self.keep_frontier = keep_frontier
+        self.weights = [1.0] * num_stitches if weights is None else [float(w) for w in weights]
         # Saliency of zero-initialised LoRA B and biases is zero at first: visit every stitch before trusting it.
         self.warmup_steps = len(stitches) if warmup_steps is None else warmup_steps
         self.importance = [0.0] * num_stitches
@@ -81,8 +97,9 @@ class StitchSampler:
         k = len(self.stitches)
         full = [0.0] * self.num_stitches
         if self.mode == "uniform" or not all(self.scored[s] for s in self.stitches):
+            total = sum(self.weights[s] for s in self.stitches)
             for s in self.stitches:
-                full[s] = 1.0 / k
+                full[s] = self.weights[s] / total
             return full
         drawn = self.stitches
         below = [s for s in self.stitches if self.importance[s] > 0]

@@ -107,6 +107,14 @@ class StitchArguments:
             "stitch alone, e.g. to compare with tuning each size separately."
         },
     )
+    stitch_weights: str | None = field(
+        default=None,
+        metadata={
+            "help": "With `uniform` sampling: comma-separated shares of the steps, one per stitch of "
+            "`train_stitches` in its order (or per stitch of the palette), e.g. '2,1,1' to give the first twice "
+            "the steps of each other (default: equal shares)."
+        },
+    )
     num_deployed_stitches: int = field(
         default=4,
         metadata={
@@ -199,6 +207,7 @@ class StitchTrainingArguments(TrainingArguments, StitchArguments):
             if value is not None and value < low:
                 raise ValueError(f"{name}={value} must be at least {low}.")
         self._train_stitch_list()  # the format now; the range once the palette is known (`stitch_indices`)
+        self._stitch_weight_list()
         if not any(m.strip() for m in self.lora_target_modules.split(",")):
             raise ValueError(
                 f"lora_target_modules={self.lora_target_modules!r} names no module: pass e.g. 'q_proj,v_proj'."
@@ -238,6 +247,52 @@ class StitchTrainingArguments(TrainingArguments, StitchArguments):
                     f"use comma-separated integers in {-num_stitches}..{num_stitches - 1}."
                 )
         return None if indices is None else [k % num_stitches for k in indices]
+
+    def _stitch_weight_list(self) -> list[float] | None:
+        """`stitch_weights` as floats, checked against `sampling` and `train_stitches`; None for equal shares."""
+        if self.stitch_weights is None:
+            return None
+        try:
+            weights = [float(part) for part in self.stitch_weights.split(",")]
+        except ValueError:
+            raise ValueError(
+                f"stitch_weights={self.stitch_weights!r} must be comma-separated numbers, e.g. '2,1,1'."
+            ) from None
+        if not all(math.isfinite(w) and w > 0 for w in weights):
+            raise ValueError(f"stitch_weights={self.stitch_weights!r}: every share must be a positive number.")
+        if self.sampling != "uniform" and self.method != "snnet-full":
+            raise ValueError(
+                f"stitch_weights set the shares of uniform sampling, but sampling={self.sampling!r} learns them: "
+                "set sampling='uniform' or leave stitch_weights out."
+            )
+        trained = self._train_stitch_list()
+        if trained is not None and len(weights) != len(trained):
+            raise ValueError(
+                f"stitch_weights={self.stitch_weights!r} needs one share per stitch of "
+                f"train_stitches={self.train_stitches!r}."
+            )
+        return weights
+
+    def sampling_weights(self, num_stitches: int) -> list[float] | None:
+        """`stitch_weights` as one share per stitch of a palette of `num_stitches` (0 for those not trained)."""
+        weights = self._stitch_weight_list()
+        if weights is None:
+            return None
+        trained = self.stitch_indices(num_stitches) or list(range(num_stitches))
+        if len(weights) != len(trained):
+            raise ValueError(
+                f"stitch_weights={self.stitch_weights!r} has {len(weights)} shares for a palette of {num_stitches} "
+                "stitches: give one per stitch, or name the stitches they are for in train_stitches."
+            )
+        if len(set(trained)) != len(trained):
+            raise ValueError(
+                f"train_stitches={self.train_stitches!r} names a stitch twice: with stitch_weights, name each "
+                "once and give it its share."
+            )
+        full = [0.0] * num_stitches
+        for k, weight in zip(trained, weights):
+            full[k] = weight
+        return full
 
     def esta_config(self) -> EstaConfig:
         return EstaConfig(
@@ -293,6 +348,7 @@ class StitchTrainerMixin:
                 costs=[self.palette.config.stitch_cost(k).flops_per_token for k in range(self.palette.num_stitches)],
                 stitches=args.stitch_indices(self.palette.num_stitches),
                 keep_frontier=args.loss_gap_keep_frontier,
+                weights=args.sampling_weights(self.palette.num_stitches),
             )
         )
         self._step_stitch: int | None = None

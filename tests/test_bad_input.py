@@ -79,6 +79,26 @@ CASES = {  # id -> (factory of the call given tmp_path, exception, word in the m
     "importance_eps above 1": (lambda t: arguments(t, importance_eps=2), ValueError, "importance_eps"),
     "train_stitches not integers": (lambda t: arguments(t, train_stitches="0,large"), ValueError, "train_stitches"),
     "negative distill_alpha": (lambda t: arguments(t, distill_alpha=-0.1), ValueError, "distill_alpha"),
+    "stitch_weights not numbers": (
+        lambda t: arguments(t, sampling="uniform", stitch_weights="2,x"),
+        ValueError,
+        "comma-separated numbers",
+    ),
+    "stitch_weights of zero": (
+        lambda t: arguments(t, sampling="uniform", stitch_weights="1,0"),
+        ValueError,
+        "positive",
+    ),
+    "stitch_weights with learned sampling": (
+        lambda t: arguments(t, sampling="importance", stitch_weights="2,1"),
+        ValueError,
+        "set sampling='uniform'",
+    ),
+    "stitch_weights not one per trained stitch": (
+        lambda t: arguments(t, sampling="uniform", train_stitches="1,2", stitch_weights="2,1,1"),
+        ValueError,
+        "one share per stitch",
+    ),
 }
 
 

@@ -225,6 +225,28 @@ def test_sampler_state_round_trip_and_errors():
         StitchTrainingArguments(output_dir="x", method="full", report_to=[])
 
 
+def test_stitch_weights_set_each_trained_stitch_s_share_of_uniform_sampling(tmp_path):
+    trainer = make_trainer(tmp_path, sampling="uniform", train_stitches="3,1", stitch_weights="3,1")
+    n = trainer.palette.num_stitches
+    assert n > 3
+    expected = [0.0] * n
+    expected[1], expected[3] = 0.25, 0.75  # shares in train_stitches' order: stitch 3 gets 3 of 4 parts
+    assert trainer.sampler.probabilities == pytest.approx(expected)
+    draws = [trainer.sampler.sample(i) for i in range(4000)]
+    assert set(draws) == {1, 3} and draws.count(3) / len(draws) == pytest.approx(0.75, abs=0.03)
+    # The shares travel with the sampler's arguments in every checkpoint, so a resumed run keeps them.
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, StitchSamplerCallback))
+    again = StitchSamplerCallback.from_state(json.loads(json.dumps(callback.state())))
+    assert again.sampler.probabilities == pytest.approx(expected)
+    assert [again.sampler.sample(i) for i in range(50)] == [callback.sampler.sample(i) for i in range(50)]
+    with pytest.raises(ValueError, match="names a stitch twice"):
+        make_args(tmp_path, sampling="uniform", train_stitches="1,-1", stitch_weights="1,1").sampling_weights(2)
+    with pytest.raises(ValueError, match=f"2 shares for a palette of {n}"):
+        make_args(tmp_path, sampling="uniform", stitch_weights="1,1").sampling_weights(n)
+    with pytest.raises(ValueError, match="mode='importance' learns them"):
+        StitchSampler(3, mode="importance", weights=[1, 1, 1])
+
+
 def test_training_arguments_keep_transformers_positional_order():
     # Our options are keyword-only: the first positional argument is still TrainingArguments' output_dir.
     args = StitchTrainingArguments("run-dir", report_to=[], sampling="uniform")
