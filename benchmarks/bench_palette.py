@@ -18,7 +18,8 @@
    - `lora-per-stitch`: one LoRA per stitch, each given the whole step budget (the upper reference, and the
      "tune each size separately" baseline: it includes the anchors and the layer-dropped large anchor).
 3. **Evaluate** every stitch on the held-out Python docs (test slice, never seen by the search), and on
-   held-out Shakespeare (family) or the answers of WordNet test records (Qwen).
+   held-out Shakespeare (family) or the answers of WordNet test records (Qwen). The search's validation slice is
+   measured too (`validation_loss`), so that settings can be compared without looking at the test.
 
 `--pair` sets the defaults of the other options for that pair (the Qwen ones fit a CPU run of about 90 minutes);
 any option given on the command line wins. `--eval-every N` also measures every stitch every N steps of each run
@@ -144,8 +145,13 @@ def evaluate(model, data: dict, args, stitches: list[int] | str = "all") -> list
     kwargs = dict(stitches=stitches, batch_size=args.eval_batch_size, progress=False)
     rows = evaluate_palette(model, data["test_pydoc"], **kwargs)
     second = evaluate_palette(model, data["test_second"], **kwargs)
+    # The search's validation slice too, so that a setting (e.g. --stitch-weights) can be chosen without the test.
+    validation = evaluate_palette(model, data["validation"], **kwargs)
     keep = ("stitch", "name", "kind", "flops_per_token", "params", "loss", "perplexity")
-    return [{**{k: r[k] for k in keep}, f"{args.second_test}_loss": s["loss"]} for r, s in zip(rows, second)]
+    return [
+        {**{k: r[k] for k in keep}, f"{args.second_test}_loss": s["loss"], "validation_loss": v["loss"]}
+        for r, s, v in zip(rows, second, validation)
+    ]
 
 
 def training_args(out: Path, seed: int, steps: int, args, **overrides):
@@ -309,7 +315,10 @@ def report(out: Path) -> None:
         run["method"]: run["machine"] for run in runs if run.get("machine", results["machine"]) != results["machine"]
     }
     lines += [f"- {method} ran on: {machine}." for method, machine in machines.items()]
-    for key, title in (("perplexity", "Held-out Python-docs perplexity"), (second, f"Test {second.replace('_', ' ')}")):
+    measures = [("perplexity", "Held-out Python-docs perplexity"), (second, f"Test {second.replace('_', ' ')}")]
+    if any("validation_loss" in r for run in runs for r in run["stitches"]):
+        measures.append(("validation_loss", "Validation Python-docs loss (the search's slice, for choosing settings)"))
+    for key, title in measures:
         lines += [
             "",
             f"{title} per stitch (mean ± standard deviation over seeds; n = seeds run).",
